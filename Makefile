@@ -1,0 +1,37 @@
+# Two commands do all set-up on a fresh machine: `make demo` and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.drpo-installed
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+RUN_DIR ?= runs/demo-$(shell date +%Y%m%d-%H%M%S)
+
+.PHONY: demo test install sysdeps clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+# torch/torchvision first and pinned, so that no later package pulls another torch.
+$(STAMP): requirements.txt constraints.txt pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install --quiet -r requirements.txt -c constraints.txt
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
+	@touch $@
+
+install: $(STAMP) sysdeps
+
+# Debian packages the test-suite needs (a real Prometheus for the dashboard/metrics checks).
+sysdeps:
+	@command -v prometheus >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null; }
+
+demo: install
+	$(VENV)/bin/drpo train --config deploy/configs/tiny.yaml --output-dir $(RUN_DIR)
+
+test: install
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf runs .cache .pytest_cache

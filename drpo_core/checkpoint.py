@@ -1,0 +1,129 @@
+"""Checkpoints without pickle: safetensors for tensors, JSON for everything else.
+
+Layout of ``checkpoints/step_<N>/``::
+
+    pytorch_lora_weights.safetensors   LoRA in the diffusers layout (pipe.load_lora_weights loads it)
+    unet/                              full fine-tuning only: the UNet (save_pretrained, safetensors)
+    trainable.safetensors              the trained tensors in peft naming (exact resume)
+    optimizer.safetensors              optimizer state tensors + RNG states
+    state.json                         step, weight version, sampler position, scheduler and
+                                       optimizer hyper-parameters, base-model identity
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, incomplete or from a different base model."""
+
+
+def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    tensors, scalars = {}, {}
+    for idx, per_param in state["state"].items():
+        for name, value in per_param.items():
+            if torch.is_tensor(value):
+                tensors[f"opt.{idx}.{name}"] = value.detach().cpu().contiguous()
+            else:
+                scalars[f"{idx}.{name}"] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict = {}
+    for key, value in tensors.items():
+        if key.startswith("opt."):
+            _, idx, name = key.split(".", 2)
+            state.setdefault(int(idx), {})[name] = value
+    for key, value in meta["scalars"].items():
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def save_checkpoint(folder: Path, *, generator, learner, step: int, sampler_state: dict, extra: dict | None = None) -> Path:
+    """Write a complete checkpoint atomically (a temp folder renamed into place)."""
+    folder = Path(folder)
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    trainable = generator.trainable_state_dict()
+    save_file({k: v.contiguous() for k, v in trainable.items()}, str(tmp / "trainable.safetensors"))
+    if generator.lora_cfg.enabled:
+        export_lora(generator, tmp)
+    else:
+        generator.unet.save_pretrained(tmp / "unet")
+    learner_state = learner.state()
+    opt_tensors, opt_meta = _flatten_optimizer(learner_state["optimizer"])
+    opt_tensors["rng.torch_cpu"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            opt_tensors[f"rng.cuda{i}"] = s
+    save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+    state = {
+        "step": step,
+        "version": learner_state["version"],
+        "sampler": sampler_state,
+        "scheduler": learner_state["scheduler"],
+        "optimizer": opt_meta,
+        "base_model": model_identity(generator),
+        "lora": generator.lora_cfg.model_dump(mode="json"),
+        **(extra or {}),
+    }
+    (tmp / "state.json").write_text(json.dumps(state, indent=2, default=float))
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+    return folder
+
+
+def export_lora(generator, folder: Path) -> None:
+    """LoRA weights in the diffusers layout (``pytorch_lora_weights.safetensors``)."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import get_peft_model_state_dict
+
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(generator.unet))
+    StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=layers, safe_serialization=True)
+
+
+def model_identity(generator) -> dict:
+    """What a checkpoint must match to be resumed: the base UNet architecture and LoRA shape."""
+    cfg = generator.unet.config
+    return {"unet_class": type(generator.unet).__name__, "block_out_channels": list(cfg.block_out_channels),
+            "cross_attention_dim": cfg.cross_attention_dim, "in_channels": cfg.in_channels}
+
+
+def load_checkpoint(folder: Path, *, generator, learner) -> dict:
+    """Restore weights, optimizer, scheduler, RNG and version; returns the JSON state (step, sampler...)."""
+    folder = Path(folder)
+    state_file = folder / "state.json"
+    if not state_file.is_file():
+        raise CheckpointError(f"{folder} is not a drpo checkpoint (state.json missing)")
+    state = json.loads(state_file.read_text())
+    if state["base_model"] != model_identity(generator):
+        raise CheckpointError(f"checkpoint {folder} was trained on a different base model "
+                              f"({state['base_model']} vs {model_identity(generator)})")
+    if state["lora"]["enabled"] != generator.lora_cfg.enabled:
+        raise CheckpointError(f"checkpoint {folder} has lora.enabled={state['lora']['enabled']}, config has {generator.lora_cfg.enabled}")
+    trainable = load_file(str(folder / "trainable.safetensors"))
+    try:
+        generator.load_trainable_state_dict({k: v.to(generator.device) for k, v in trainable.items()})
+    except (RuntimeError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {folder} does not fit this model: {str(e).splitlines()[0]}") from None
+    tensors = load_file(str(folder / "optimizer.safetensors"))
+    learner.load_state({"optimizer": _unflatten_optimizer(tensors, state["optimizer"]),
+                        "scheduler": state["scheduler"], "version": state["version"]})
+    torch.set_rng_state(tensors["rng.torch_cpu"])
+    return state
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    folders = [p for p in (Path(run_dir) / "checkpoints").glob("step_*") if (p / "state.json").is_file()]
+    return max(folders, key=lambda p: int(p.name.split("_")[1])) if folders else None

@@ -1,0 +1,128 @@
+"""Tiny random-initialised models of the real architectures, written once and loaded back offline.
+
+No weights can be downloaded here, so tests and the embedded default build small models of the
+same diffusers/transformers classes from configs, ``save_pretrained`` them into a cache folder, and
+the normal ``from_pretrained`` loading code reads them back with the hub switched off. The CLIP
+tokenizer is built from the BPE merges file that open_clip_torch ships, so it needs no download and
+tokenizes exactly like ``open_clip.tokenize``.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+TINY_SD_TURBO_VERSION = "tiny-sd-turbo-v1"
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("DRPO_CACHE", Path.home() / ".cache" / "drpo"))
+
+
+@lru_cache(maxsize=1)
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP byte → printable-unicode table (the same table open_clip and transformers use)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(2**8):
+        if b not in bs:
+            bs.append(b)
+            cs.append(2**8 + n)
+            n += 1
+    return dict(zip(bs, [chr(c) for c in cs]))
+
+
+def write_clip_tokenizer(folder: Path) -> Path:
+    """Write vocab.json, merges.txt and tokenizer config for CLIP's 49408-token BPE into ``folder``.
+
+    Mirrors ``open_clip.tokenizer.SimpleTokenizer``: 256 byte tokens, their ``</w>`` forms, 48894
+    merges, then ``<|startoftext|>`` and ``<|endoftext|>``; padding uses id 0 (``!``) like open_clip.
+    """
+    import open_clip.tokenizer as oct
+
+    merges = gzip.open(oct.default_bpe(), "rt", encoding="utf-8").read().split("\n")
+    merges = [tuple(m.split()) for m in merges[1 : 49152 - 256 - 2 + 1]]
+    vocab = list(_bytes_to_unicode().values())
+    vocab = vocab + [v + "</w>" for v in vocab] + ["".join(m) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}, ensure_ascii=False))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n", encoding="utf-8")
+    config = {
+        "tokenizer_class": "CLIPTokenizer",
+        "model_max_length": 77,
+        "bos_token": "<|startoftext|>",
+        "eos_token": "<|endoftext|>",
+        "unk_token": "<|endoftext|>",
+        "pad_token": "<|endoftext|>",
+        "do_lower_case": True,
+    }
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    (folder / "special_tokens_map.json").write_text(json.dumps({k: config[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token")}))
+    return folder
+
+
+def build_tiny_sd_turbo(folder: Path, seed: int = 0) -> Path:
+    """Save a tiny SD-Turbo-architecture pipeline folder (model_index.json layout) into ``folder``.
+
+    UNet2DConditionModel (channels 32/64, cross-attention dim 32), AutoencoderKL with three blocks
+    (4× spatial compression: 32 px images ↔ 4×8×8 latents), a CLIPTextModel with
+    hidden size 32, the offline CLIP tokenizer and SD-Turbo's EulerDiscreteScheduler settings.
+    """
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(
+            sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+            block_out_channels=(32, 64), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,
+            attention_head_dim=8, norm_num_groups=8,
+        )
+        vae = AutoencoderKL(
+            in_channels=3, out_channels=3, latent_channels=4, sample_size=32, layers_per_block=1,
+            block_out_channels=(16, 32, 32),
+            down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+            norm_num_groups=8,
+        )
+        text_encoder = CLIPTextModel(CLIPTextConfig(
+            hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2,
+            vocab_size=49408, max_position_embeddings=77, projection_dim=32,
+            bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
+        ))
+    # SD-Turbo's scheduler: scaled-linear betas, epsilon prediction, trailing spacing (one step at t=999)
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+        prediction_type="epsilon", timestep_spacing="trailing", steps_offset=1,
+    )
+    tokenizer_dir = write_clip_tokenizer(folder / "_tokenizer_src")
+    tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.save_pretrained(folder)
+    (folder / "DRPO_TINY_MODEL").write_text(TINY_SD_TURBO_VERSION + "\n")
+    return folder
+
+
+def tiny_sd_turbo_path(cache_dir: Path | None = None) -> Path:
+    """Path of the tiny SD-Turbo folder in the cache, building it on first use (atomic rename)."""
+    folder = (cache_dir or default_cache_dir()) / TINY_SD_TURBO_VERSION
+    if (folder / "DRPO_TINY_MODEL").exists():
+        return folder
+    tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
+    build_tiny_sd_turbo(tmp)
+    try:
+        tmp.rename(folder)
+    except OSError:  # another process built it first
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder

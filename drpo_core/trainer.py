@@ -1,0 +1,171 @@
+"""Single-process DrPO trainer: the ground truth the distributed runtime must match step for step.
+
+    for step in 1..S:
+        prompts ← next B prompts
+        groups  ← sample K candidates per prompt (+ frozen-base outputs for the same noises)
+        groups  ← score with the rewards, z-score per prompt (extra rounds for binary rewards)
+        update  ← rank top-M / bottom-M, drift targets, regress, AdamW        (the learner)
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from drpo_core.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from drpo_core.config import DrpoConfig, dump_config
+from drpo_core.evaluation import evaluate, heldout_seeds
+from drpo_core.features import build_encoder
+from drpo_core.generator import OneStepGenerator
+from drpo_core.groups import CandidateGroup, candidate_seed
+from drpo_core.learner import DrpoLearner
+from drpo_core.prompts import PromptSampler, heldout_prompts, training_prompts
+from drpo_core.ranking import SKIP_TOO_FEW_NEGATIVES, SKIP_TOO_FEW_POSITIVES, select_anchors
+from drpo_core.reporting import MetricsWriter, plot_reward_curve, save_grid
+from drpo_core.rewards import build_reward
+from drpo_core.sampler import CandidateSampler
+from drpo_core.scoring import RewardScorer
+
+
+def build_rewards(cfg: DrpoConfig, builder: Callable = build_reward) -> dict[str, tuple]:
+    return {r.label: (builder(r), r.weight) for r in cfg.rewards}
+
+
+def group_stats(groups: list[CandidateGroup]) -> dict[str, float]:
+    """Reward statistics over the first-round candidates of each group (NaN = missing, excluded)."""
+    stats: dict[str, float] = {}
+    labels = groups[0].rewards.keys() if groups else []
+    for label in labels:
+        raw = torch.cat([g.rewards[label] for g in groups])
+        valid = raw[~torch.isnan(raw)]
+        stats[f"reward/{label}/mean"] = float(valid.mean()) if valid.numel() else float("nan")
+        stats[f"reward/{label}/missing"] = float(raw.numel() - valid.numel())
+    first = next(iter(labels), None)
+    if first is not None:
+        stats["reward/mean"] = stats[f"reward/{first}/mean"]
+        raw = torch.cat([g.rewards[first] for g in groups])
+        stats["reward/std"] = float(raw[~torch.isnan(raw)].std()) if (~torch.isnan(raw)).sum() > 1 else 0.0
+    return stats
+
+
+class DrpoTrainer:
+    """Builds the three workers (sampler, scorer, learner) in one process and runs the loop."""
+
+    def __init__(self, cfg: DrpoConfig, output_dir: Path | None = None, rewards: dict[str, tuple] | None = None):
+        self.cfg = cfg
+        self.output_dir = Path(output_dir or cfg.output.dir)
+        torch.manual_seed(cfg.trainer.seed)
+        self.generator = OneStepGenerator(cfg.model, cfg.lora)
+        self.encoder = build_encoder(cfg.features, self.generator.latent_shape[0], self.generator.device)
+        self.sampler = CandidateSampler(self.generator, with_base=cfg.algo.lambda_ref > 0)
+        self.scorer = RewardScorer(rewards or build_rewards(cfg), binary=cfg.algo.binary_threshold is not None,
+                                   shuffle_seed=cfg.trainer.seed if cfg.algo.shuffle_rewards else None)
+        self.learner = DrpoLearner(self.generator, self.encoder, cfg.algo, cfg.trainer)
+        self.prompts = PromptSampler(training_prompts(cfg.prompts), cfg.trainer.seed)
+        self.step = 0
+
+    # -- one step, in the order of the algorithm box --------------------------------------------
+    def collect(self, step: int, prompts: list[str]) -> tuple[list[CandidateGroup], dict[str, float]]:
+        """Sample and score one group per prompt, with extra rounds for binary rewards."""
+        K, seed = self.cfg.algo.num_candidates, self.cfg.trainer.seed
+        groups = [self.sampler.sample(f"{step}:{slot}", prompt, [candidate_seed(seed, step, slot, i) for i in range(K)])
+                  for slot, prompt in enumerate(prompts)]
+        self.scorer.score(groups)
+        stats = group_stats(groups)
+        if self.cfg.algo.binary_threshold is not None:
+            stats["sampler/extra_rounds"] = float(self._extra_rounds(step, groups))
+        return groups, stats
+
+    def _extra_rounds(self, step: int, groups: list[CandidateGroup]) -> int:
+        K, M, algo = self.cfg.algo.num_candidates, self.cfg.algo.num_anchors, self.cfg.algo
+        rounds = 0
+        for slot, g in enumerate(groups):
+            for r in range(1, algo.max_extra_rounds + 1):
+                sel = select_anchors(g.scores[None], M, binary_threshold=algo.binary_threshold)
+                if not ({SKIP_TOO_FEW_POSITIVES, SKIP_TOO_FEW_NEGATIVES} & sel.skipped.keys()):
+                    break
+                self.sampler.extend(g, [candidate_seed(self.cfg.trainer.seed, step, slot, r * K + i) for i in range(K)])
+                self.scorer.score([g])
+                rounds += 1
+        return rounds
+
+    def train_step(self) -> dict[str, float]:
+        t0 = time.perf_counter()
+        prompts = self.prompts.next(self.cfg.trainer.prompts_per_step)
+        groups, stats = self.collect(self.step, prompts)
+        t1 = time.perf_counter()
+        stats.update(self.learner.update(groups))
+        self.sampler.version = self.learner.version  # one process: the sampler shares the weights
+        stats.update(self.scorer.pop_stats())
+        self.step += 1
+        t2 = time.perf_counter()
+        stats.update({"step": self.step, "version": self.learner.version, "time/sample_score_s": t1 - t0,
+                      "time/update_s": t2 - t1, "time/step_s": t2 - t0})
+        return stats
+
+    # -- outputs ---------------------------------------------------------------------------------
+    def sample_prompts(self) -> list[str]:
+        held = heldout_prompts(self.cfg.prompts) if not self.cfg.prompts.file else training_prompts(self.cfg.prompts)[:4]
+        per_class = {}
+        for p in held:  # one held-out prompt per colour keeps the grid small
+            per_class.setdefault(self.scorer_color(p), p)
+        return list(per_class.values())[:8]
+
+    def scorer_color(self, prompt: str) -> str | None:
+        fn = next(iter(self.scorer.rewards.values()))[0]
+        return fn.color_of(prompt) if hasattr(fn, "color_of") else prompt
+
+    def save_samples(self, name: str, base: bool = False) -> Path:
+        prompts = self.sample_prompts()
+        seeds = heldout_seeds(self.cfg.trainer.eval_seeds, "grid")
+        _, images = self.generator.generate([p for p in prompts for _ in seeds], [s for _ in prompts for s in seeds], base=base)
+        return save_grid(images, rows=len(prompts), path=self.output_dir / "samples" / f"{name}.png")
+
+    def save_checkpoint(self) -> Path:
+        return save_checkpoint(self.output_dir / "checkpoints" / f"step_{self.step}", generator=self.generator,
+                               learner=self.learner, step=self.step, sampler_state=self.prompts.state())
+
+    def resume(self, folder: Path) -> None:
+        state = load_checkpoint(folder, generator=self.generator, learner=self.learner)
+        self.step = int(state["step"])
+        self.prompts.load_state(state["sampler"])
+        self.sampler.version = self.learner.version
+
+    def evaluate(self, seeds: int = 16) -> dict:
+        fn = next(iter(self.scorer.rewards.values()))[0]
+        prompts = heldout_prompts(self.cfg.prompts) if not self.cfg.prompts.file else training_prompts(self.cfg.prompts)
+        return evaluate(self.generator, fn, prompts, heldout_seeds(seeds), group_of=getattr(fn, "color_of", None))
+
+    def run(self, on_step: Callable[[dict], None] | None = None, resume: Path | None = None) -> dict:
+        """The whole job: resume if asked, train ``trainer.steps`` steps, write every output."""
+        out, tc = self.output_dir, self.cfg.trainer
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(dump_config(self.cfg))
+        if resume is not None:
+            self.resume(latest_checkpoint(resume) or Path(resume))  # a run folder or one checkpoint folder
+        else:
+            self.save_samples("step_0")
+        metrics = MetricsWriter(out / "metrics.jsonl")
+        try:
+            while self.step < tc.steps:
+                stats = self.train_step()
+                if self.step % tc.log_every == 0 or self.step == tc.steps:
+                    metrics.write(stats)
+                if on_step:
+                    on_step(stats)
+                if self.step % tc.sample_every == 0 and self.step < tc.steps:
+                    self.save_samples(f"step_{self.step}")
+                if self.step % tc.checkpoint_every == 0 or self.step == tc.steps:
+                    self.save_checkpoint()
+        finally:
+            metrics.close()
+        checkpoint = out / "checkpoints" / f"step_{self.step}"
+        if not (checkpoint / "state.json").is_file():
+            self.save_checkpoint()
+        final = {"samples": str(self.save_samples(f"step_{self.step}")), "checkpoint": str(checkpoint),
+                 "metrics": str(out / "metrics.jsonl")}
+        final["reward_curve"] = str(plot_reward_curve(out / "metrics.jsonl", out / "plots" / "reward_curve.png"))
+        return final

@@ -1,0 +1,48 @@
+"""`drpo train --local`: the single-process trainer with a rich progress bar and friendly errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+
+def check_output_dir(out: Path, resume: Path | None, fail: Callable[[str], None]) -> None:
+    """Refuse to write a new run over an existing one (nothing already saved is lost)."""
+    if resume is None and (out / "metrics.jsonl").exists():
+        fail(f"output dir {out} already holds a run; pass --resume {out} to continue it or choose another --output-dir")
+    if resume is not None and not Path(resume).exists():
+        fail(f"--resume {resume}: no such run or checkpoint folder")
+
+
+def run_local(cfg, resume: Path | None, fail: Callable[[str], None]) -> dict:
+    from drpo_core.checkpoint import CheckpointError
+    from drpo_core.generator import ModelLoadError
+    from drpo_core.trainer import DrpoTrainer
+
+    console = Console(stderr=True)
+    out = Path(cfg.output.dir)
+    check_output_dir(out, resume, fail)
+    try:
+        trainer = DrpoTrainer(cfg, output_dir=out)
+    except (ModelLoadError, ValueError) as e:
+        fail(str(e))
+    progress = Progress(TextColumn("[bold]DrPO"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+                        TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False)
+    with progress:
+        task = progress.add_task("train", total=cfg.trainer.steps, info="", completed=0)
+
+        def on_step(stats: dict) -> None:
+            info = f"reward {stats.get('reward/mean', float('nan')):.4f}  loss {stats.get('loss', float('nan')):.2f}  {stats['time/step_s']:.2f}s/step"
+            progress.update(task, completed=stats["step"], info=info)
+
+        try:
+            result = trainer.run(on_step=on_step, resume=resume)
+        except CheckpointError as e:
+            fail(str(e))
+    console.print(f"[green]done[/] {trainer.step} steps → {out}")
+    for key in ("reward_curve", "samples", "checkpoint", "metrics"):
+        console.print(f"  {key:13s} {result[key]}")
+    return result
