@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 RUN_DIR ?= runs/demo-$(shell date +%Y%m%d-%H%M%S)
 
-.PHONY: demo test install sysdeps clean
+.PHONY: demo test install sysdeps clean protos
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,10 @@ demo: install
 
 test: install
 	$(PY) -m pytest -q tests
+
+# Regenerate the committed gRPC stubs of the reward service (same command as in the .proto header).
+protos: $(STAMP)
+	$(PY) -m grpc_tools.protoc -I. --python_out=. --pyi_out=. --grpc_python_out=. services/grpc_reward/reward.proto
 
 clean:
 	rm -rf runs .cache .pytest_cache

@@ -7,7 +7,8 @@ Layout of ``checkpoints/step_<N>/``::
     trainable.safetensors              the trained tensors in peft naming (exact resume)
     optimizer.safetensors              optimizer state tensors + RNG states
     state.json                         step, weight version, sampler position, scheduler and
-                                       optimizer hyper-parameters, base-model identity
+                                       optimizer hyper-parameters, base-model identity, the model
+                                       and LoRA config (drpo export rebuilds the pipeline from them)
 """
 
 from __future__ import annotations
@@ -74,6 +75,7 @@ def save_checkpoint(folder: Path, *, generator, learner, step: int, sampler_stat
         "scheduler": learner_state["scheduler"],
         "optimizer": opt_meta,
         "base_model": model_identity(generator),
+        "model": generator.cfg.model_dump(mode="json"),
         "lora": generator.lora_cfg.model_dump(mode="json"),
         **(extra or {}),
     }
@@ -84,20 +86,25 @@ def save_checkpoint(folder: Path, *, generator, learner, step: int, sampler_stat
 
 
 def export_lora(generator, folder: Path) -> None:
-    """LoRA weights in the diffusers layout (``pytorch_lora_weights.safetensors``)."""
-    from diffusers import StableDiffusionPipeline
+    """LoRA weights in the diffusers layout (``pytorch_lora_weights.safetensors``) for the generator's
+    pipeline class; the peft config (rank, alpha, targets) rides along as metadata, so
+    ``pipe.load_lora_weights`` restores the scale α/r even when α ≠ r."""
+    import diffusers
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft import get_peft_model_state_dict
 
     layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(generator.unet))
-    StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=layers, safe_serialization=True)
+    metadata = generator.unet.peft_config["default"].to_dict()
+    getattr(diffusers, generator.pipeline_class).save_lora_weights(
+        folder, unet_lora_layers=layers, safe_serialization=True, unet_lora_adapter_metadata=metadata)
 
 
 def model_identity(generator) -> dict:
     """What a checkpoint must match to be resumed: the base UNet architecture and LoRA shape."""
     cfg = generator.unet.config
-    return {"unet_class": type(generator.unet).__name__, "block_out_channels": list(cfg.block_out_channels),
-            "cross_attention_dim": cfg.cross_attention_dim, "in_channels": cfg.in_channels}
+    return {"kind": generator.KIND, "unet_class": type(generator.unet).__name__,
+            "block_out_channels": list(cfg.block_out_channels), "cross_attention_dim": cfg.cross_attention_dim,
+            "in_channels": cfg.in_channels, "addition_embed_type": cfg.get("addition_embed_type")}
 
 
 def load_checkpoint(folder: Path, *, generator, learner) -> dict:
@@ -107,9 +114,12 @@ def load_checkpoint(folder: Path, *, generator, learner) -> dict:
     if not state_file.is_file():
         raise CheckpointError(f"{folder} is not a drpo checkpoint (state.json missing)")
     state = json.loads(state_file.read_text())
-    if state["base_model"] != model_identity(generator):
-        raise CheckpointError(f"checkpoint {folder} was trained on a different base model "
-                              f"({state['base_model']} vs {model_identity(generator)})")
+    ours = model_identity(generator)
+    if state["base_model"] != ours:
+        diff = ", ".join(f"{k} {state['base_model'].get(k)!r} vs {ours.get(k)!r}" for k in sorted(set(ours) | set(state["base_model"]))
+                         if state["base_model"].get(k) != ours.get(k))
+        raise CheckpointError(f"checkpoint {folder} was trained on a different base model (checkpoint vs model.path "
+                              f"{generator.cfg.path!r}: {diff})")
     if state["lora"]["enabled"] != generator.lora_cfg.enabled:
         raise CheckpointError(f"checkpoint {folder} has lora.enabled={state['lora']['enabled']}, config has {generator.lora_cfg.enabled}")
     trainable = load_file(str(folder / "trainable.safetensors"))
@@ -121,6 +131,9 @@ def load_checkpoint(folder: Path, *, generator, learner) -> dict:
     learner.load_state({"optimizer": _unflatten_optimizer(tensors, state["optimizer"]),
                         "scheduler": state["scheduler"], "version": state["version"]})
     torch.set_rng_state(tensors["rng.torch_cpu"])
+    cuda_states = [tensors[k] for k in sorted((k for k in tensors if k.startswith("rng.cuda")), key=lambda k: int(k[8:]))]
+    if cuda_states and torch.cuda.is_available() and len(cuda_states) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda_states)
     return state
 
 

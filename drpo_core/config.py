@@ -19,12 +19,29 @@ class Section(BaseModel):
 
 
 class ModelConfig(Section):
-    kind: Literal["sd-turbo"] = "sd-turbo"
-    path: str = Field("tiny", description="hub id, local pipeline folder, or 'tiny' for the embedded random model")
+    kind: Literal["sd-turbo", "sdxl-turbo"] = Field("sd-turbo", description="sd-turbo: SD 1.x/2.x UNet, one CLIP encoder; "
+                                                    "sdxl-turbo: SDXL UNet, two CLIP encoders, pooled embeds + time ids")
+    path: str = Field("tiny", description="hub id, local pipeline folder, or 'tiny' / 'tiny-sdxl' for the embedded random models")
     resolution: int = Field(32, gt=0, description="image side in pixels; the latent side is resolution / vae factor")
     timestep: int = Field(999, ge=0, le=999)
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     device: str = Field("auto", description="'auto' picks cuda when available, else cpu")
+    # speed / memory options (all off by default: on CPU they do not help)
+    merge_lora_for_sampling: bool = Field(False, description="sample with the LoRA merged into the base weights "
+                                          "(restored exactly afterwards); a sampling-only generator can stay merged")
+    channels_last: bool = Field(False, description="UNet and VAE in channels-last memory format (faster convs on GPU)")
+    attention: Literal["default", "sdpa", "classic"] = Field("default", description="attention processor: the library "
+                                                              "default, torch SDPA, or the explicit softmax one")
+    vae_tiling: bool = Field(False, description="decode large images tile by tile (less memory)")
+    vae_slicing: bool = Field(False, description="decode one image at a time (less memory)")
+    gradient_checkpointing: bool = Field(False, description="recompute UNet activations in backward (learner memory)")
+
+    @model_validator(mode="after")
+    def _tiny_path_matches_kind(self) -> "ModelConfig":
+        expected = {"tiny": "sd-turbo", "tiny-sdxl": "sdxl-turbo"}.get(self.path)
+        if expected and expected != self.kind:
+            raise ValueError(f"model.path {self.path!r} is the embedded {expected} model; set model.kind: {expected}")
+        return self
 
 
 class LoraConfig(Section):
@@ -36,14 +53,41 @@ class LoraConfig(Section):
 
 
 class FeaturesConfig(Section):
-    kind: Literal["latent_resnet"] = "latent_resnet"
-    width: int = Field(32, gt=0)
-    stage_blocks: list[int] = Field([1, 1], min_length=1)
-    downsample: bool = False
-    groups: int = Field(8, gt=0)
-    patch_sizes: list[int] = [2, 4]
-    checkpoint: str | None = Field(None, description="safetensors state dict; None keeps the seeded random init")
-    seed: int = 1234
+    """The frozen feature encoder φ (drpo-method.md §1.6.4). Fields apply to the kinds their descriptions name."""
+
+    kind: Literal["latent_resnet", "unet_hidden", "dinov2", "vit_mae"] = Field(
+        "latent_resnet", description="latent_resnet: GroupNorm ResNet on latents (latent-MAE layout); unet_hidden: "
+        "frozen base-UNet hidden states; dinov2 / vit_mae: pixel ViT on VAE-decoded images")
+    width: int = Field(32, gt=0, description="latent_resnet: width C of the first stage")
+    stage_blocks: list[int] = Field([1, 1], min_length=1, description="latent_resnet: blocks per stage ([3,4,6,3] = latent-MAE)")
+    downsample: bool = Field(False, description="latent_resnet: stride 2 at the first block of every stage after the first")
+    groups: int = Field(8, ge=0, description="latent_resnet: GroupNorm groups; 0 = no normalisation (random encoders)")
+    patch_sizes: list[int] = Field([2, 4], description="p×p patch mean/std keys besides the global ones")
+    checkpoint: str | None = Field(None, description="latent_resnet: safetensors state dict; None keeps the seeded random init")
+    seed: int = Field(1234, description="latent_resnet: random init; unet_hidden: the fixed noise added to the latent")
+    path: str | None = Field(None, description="dinov2 / vit_mae: hub id or local folder (default facebook/dinov2-base, "
+                             "facebook/vit-mae-base)")
+    layers: list[str] | list[int] | None = Field(None, description="unet_hidden: UNet module names (default: last down "
+                                                 "block up to down_blocks.2, mid_block, up_blocks.0); dinov2 / vit_mae: "
+                                                 "hidden-state indices (default: 4 evenly spaced / the last)")
+    timestep: int = Field(100, ge=0, le=999, description="unet_hidden: UNet timestep")
+    noise_scale: float = Field(0.1, ge=0, description="unet_hidden: input = latent + noise_scale · fixed noise")
+    pool_grid: int = Field(4, gt=0, description="unet_hidden: hidden states are average-pooled to a pool_grid² grid")
+
+    @field_validator("patch_sizes")
+    @classmethod
+    def _positive_patches(cls, v: list[int]) -> list[int]:
+        if any(p < 1 for p in v):
+            raise ValueError("every patch size must be >= 1")
+        return v
+
+    @model_validator(mode="after")
+    def _fields_fit_kind(self) -> "FeaturesConfig":
+        if self.checkpoint is not None and self.kind != "latent_resnet":
+            raise ValueError(f"'checkpoint' is for kind latent_resnet; kind {self.kind!r} loads weights from 'path'")
+        if self.path is not None and self.kind not in ("dinov2", "vit_mae"):
+            raise ValueError(f"'path' is for kinds dinov2 / vit_mae, not {self.kind!r}")
+        return self
 
 
 RewardKind = Literal["hue_fraction", "hps", "pickscore", "clip", "geneval", "http", "grpc", "flow_grpo"]
@@ -84,7 +128,8 @@ class PromptsConfig(Section):
     objects: list[str] = ["car", "apple", "house", "flower", "bird", "cup", "chair", "boat"]
     eval_objects: list[str] = ["kite", "lamp", "shoe", "vase"]
     template: str = "a photo of a {color} {object}"
-    file: str | None = Field(None, description="a text file with one training prompt per line (overrides colors/objects)")
+    file: str | None = Field(None, description="training prompts, one per line; or .jsonl with a 'prompt' key and per-prompt "
+                             "metadata for the rewards (GenEval's format); overrides colors/objects")
 
 
 class AlgoConfig(Section):
@@ -146,10 +191,80 @@ class TrainerConfig(Section):
     sample_every: int = Field(100, gt=0)
     checkpoint_every: int = Field(100, gt=0)
     eval_seeds: int = Field(4, gt=0, description="held-out seeds per prompt for sample grids")
+    heldout_eval_seeds: int = Field(16, ge=0, description="held-out seeds per held-out prompt for the final base-vs-policy eval (0 = off)")
 
 
 class OutputConfig(Section):
     dir: str = "runs/default"
+
+
+class RoleConfig(Section):
+    """Resources and fault budget of one role of the distributed runtime (one Ray actor per replica)."""
+
+    replicas: int = Field(1, ge=1)
+    num_cpus: float = Field(0.5, ge=0, description="logical CPUs per replica; fractions let roles share a small machine")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per replica; fractions co-locate roles on one GPU")
+    resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources per replica, e.g. {reward_gpu: 1}")
+    scheduling: Literal["DEFAULT", "SPREAD"] = Field("DEFAULT", description="Ray scheduling strategy when runtime.placement is 'none'")
+    max_restarts: int = Field(3, ge=-1, description="Ray restarts of a dead replica (-1 = unlimited)")
+    max_task_retries: int = Field(0, ge=-1, description="Ray retries of a call on a restarted replica (only for idempotent calls)")
+    max_in_flight: int = Field(2, ge=1, description="requests queued or running per replica")
+    runtime_env: dict[str, Any] | None = Field(None, description="Ray runtime_env of this role's actors (pip, env_vars, container...)")
+
+
+class GeneratorRoleConfig(RoleConfig):
+    """Generator replicas: sample K candidates per prompt group with the newest published weights."""
+
+
+class RewardRoleConfig(RoleConfig):
+    """Reward-server replicas: scoring is idempotent, so a call may be retried on a restarted replica."""
+
+    num_cpus: float = Field(0.25, ge=0)
+    max_task_retries: int = Field(1, ge=-1)
+
+
+class LearnerRoleConfig(RoleConfig):
+    """The single learner; a restart resumes from the last checkpoint (an update is never retried)."""
+
+    num_cpus: float = Field(1.0, ge=0)
+    max_restarts: int = Field(2, ge=-1)
+
+    @field_validator("replicas")
+    @classmethod
+    def _one_learner(cls, v: int) -> int:
+        if v != 1:
+            raise ValueError(f"the learner runs as exactly one replica, got replicas={v}")
+        return v
+
+    @field_validator("max_task_retries")
+    @classmethod
+    def _no_update_retries(cls, v: int) -> int:
+        if v != 0:
+            raise ValueError("an update is not idempotent (it steps the optimizer); max_task_retries must be 0")
+        return v
+
+
+class RuntimeConfig(Section):
+    """The Ray actor–learner runtime (``drpo train`` without ``--local``); see docs/ray.md."""
+
+    address: str | None = Field(None, description="Ray address; None: RAY_ADDRESS (inside a job) or an embedded local cluster")
+    local_num_cpus: int = Field(2, ge=1, description="CPUs of the embedded local cluster started when no address is known")
+    placement: Literal["none", "PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "none", description="reserve all replicas in one placement group with this strategy; 'none' schedules per role")
+    generator: GeneratorRoleConfig = GeneratorRoleConfig()
+    reward: RewardRoleConfig = RewardRoleConfig()
+    learner: LearnerRoleConfig = LearnerRoleConfig()
+    max_staleness: int = Field(1, ge=0, description="max policy versions between the sampling and the learning weights (0 = synchronous)")
+    staleness_timeout_s: float = Field(60.0, gt=0, description="wait this long for fresh weights, then sample with older ones")
+    request_timeout_s: float = Field(300.0, gt=0, description="a generate/score call older than this is re-issued to another replica")
+    update_timeout_s: float = Field(1800.0, gt=0, description="a learner update older than this counts as a hung learner")
+    start_timeout_s: float = Field(300.0, gt=0, description="actors and placement groups must be up within this time")
+    health_check_interval_s: float = Field(10.0, gt=0)
+    max_attempts: int = Field(3, ge=1, description="tries per generate/score request before giving up on it")
+    replica_restart_budget: int = Field(4, ge=0, description="replacements of permanently dead replicas, per pool")
+    learner_restart_budget: int = Field(2, ge=0, description="learner recoveries from the last checkpoint per job")
+    metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus /metrics port of the controller; 0 = off")
+    metrics_host: str = Field("0.0.0.0", description="interface of the /metrics server")
 
 
 class DrpoConfig(Section):
@@ -161,6 +276,7 @@ class DrpoConfig(Section):
     algo: AlgoConfig = AlgoConfig()
     trainer: TrainerConfig = TrainerConfig()
     output: OutputConfig = OutputConfig()
+    runtime: RuntimeConfig = RuntimeConfig()
 
     @model_validator(mode="after")
     def _unique_reward_labels(self) -> "DrpoConfig":

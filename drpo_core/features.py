@@ -49,14 +49,19 @@ def multiscale_mean_std(fmap: torch.Tensor, prefix: str, patch_sizes: tuple[int,
     return out
 
 
+def _norm(groups: int, channels: int) -> nn.Module:
+    """GroupNorm, or nothing when ``groups == 0`` (see LatentResNetEncoder on why)."""
+    return nn.GroupNorm(groups, channels) if groups > 0 else nn.Identity()
+
+
 class _BasicBlock(nn.Module):
     def __init__(self, c_in: int, c_out: int, stride: int, groups: int):
         super().__init__()
         self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
-        self.norm1 = nn.GroupNorm(groups, c_out)
+        self.norm1 = _norm(groups, c_out)
         self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
-        self.norm2 = nn.GroupNorm(groups, c_out)
-        self.skip = (nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.GroupNorm(groups, c_out))
+        self.norm2 = _norm(groups, c_out)
+        self.skip = (nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), _norm(groups, c_out))
                      if stride != 1 or c_in != c_out else nn.Identity())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -72,20 +77,25 @@ class LatentResNetEncoder(nn.Module):
     ``layer{i+1}_norm``. Features are the multi-scale mean/std of the last stage. With
     ``stage_blocks=(3, 4, 6, 3)`` this is the latent-MAE layout; the tiny default uses a couple of
     random-initialised blocks (frozen, seeded), which works as a fixed random feature map.
+
+    ``groups=0`` drops every normalisation layer. A *trained* encoder's GroupNorm keeps the
+    information it learned to keep, but in a random encoder per-sample normalisation erases the
+    global level of each channel group — for latents that is the image's overall colour, exactly
+    what a colour reward ranks on — so the random default runs without it.
     """
 
     def __init__(self, in_channels: int = 4, width: int = 32, stage_blocks: tuple[int, ...] = (1, 1),
                  downsample: bool = False, groups: int = 8, patch_sizes: tuple[int, ...] = (2, 4)):
         super().__init__()
         self.patch_sizes = patch_sizes
-        self.stem = nn.Sequential(nn.Conv2d(in_channels, width, 3, 1, 1, bias=False), nn.GroupNorm(groups, width), nn.SiLU())
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, width, 3, 1, 1, bias=False), _norm(groups, width), nn.SiLU())
         stages, norms, c_in = [], [], width
         for i, n_blocks in enumerate(stage_blocks):
             c_out = width * 2**i
             stride = 2 if (downsample and i > 0) else 1
             blocks = [_BasicBlock(c_in if j == 0 else c_out, c_out, stride if j == 0 else 1, groups) for j in range(n_blocks)]
             stages.append(nn.Sequential(*blocks))
-            norms.append(nn.GroupNorm(groups, c_out))
+            norms.append(_norm(groups, c_out))
             c_in = c_out
         self.stages = nn.ModuleList(stages)
         self.norms = nn.ModuleList(norms)
@@ -108,16 +118,29 @@ class LatentResNetEncoder(nn.Module):
             return cls(**kwargs)
 
 
-def build_encoder(cfg, in_channels: int, device: torch.device) -> LatentResNetEncoder:
-    """The frozen φ named by a :class:`drpo_core.config.FeaturesConfig`."""
-    kwargs = dict(in_channels=in_channels, width=cfg.width, stage_blocks=tuple(cfg.stage_blocks),
-                  downsample=cfg.downsample, groups=cfg.groups, patch_sizes=tuple(cfg.patch_sizes))
-    encoder = LatentResNetEncoder.random_frozen(cfg.seed, **kwargs)
-    if cfg.checkpoint:
-        from safetensors.torch import load_file
+def build_encoder(cfg, in_channels: int, device: torch.device, generator=None) -> FeatureEncoder:
+    """The frozen φ named by a :class:`drpo_core.config.FeaturesConfig`.
 
-        try:
-            encoder.load_state_dict(load_file(cfg.checkpoint))
-        except (OSError, RuntimeError) as e:
-            raise ValueError(f"features.checkpoint {cfg.checkpoint!r}: {str(e).splitlines()[0]}") from None
-    return encoder.to(device)
+    ``unet_hidden`` (the generator's own UNet, adapter disabled) and ``dinov2`` / ``vit_mae`` (VAE
+    decode inside the gradient path) need ``generator``; ``latent_resnet`` needs only the latent channels.
+    """
+    if cfg.kind == "latent_resnet":
+        kwargs = dict(in_channels=in_channels, width=cfg.width, stage_blocks=tuple(cfg.stage_blocks),
+                      downsample=cfg.downsample, groups=cfg.groups, patch_sizes=tuple(cfg.patch_sizes))
+        encoder = LatentResNetEncoder.random_frozen(cfg.seed, **kwargs)
+        if cfg.checkpoint:
+            from drpo_core.latent_mae import load_latent_resnet_checkpoint
+
+            desc = f"in_channels={in_channels}, width={cfg.width}, stage_blocks={list(cfg.stage_blocks)}"
+            load_latent_resnet_checkpoint(encoder, cfg.checkpoint, desc)
+        return encoder.to(device)
+    if generator is None:
+        raise ValueError(f"features.kind {cfg.kind!r} runs on the generator's own modules; pass generator=")
+    if cfg.kind == "unet_hidden":
+        from drpo_core.features_unet import UnetHiddenEncoder
+
+        return UnetHiddenEncoder(generator, layers=cfg.layers, timestep=cfg.timestep, noise_scale=cfg.noise_scale,
+                                 grid=cfg.pool_grid, patch_sizes=tuple(cfg.patch_sizes), seed=cfg.seed)
+    from drpo_core.features_pixel import PixelViTEncoder
+
+    return PixelViTEncoder(cfg.kind, cfg.path, generator, layers=cfg.layers, patch_sizes=tuple(cfg.patch_sizes))

@@ -1,14 +1,22 @@
 """One-step SD-Turbo-family generator x = G_θ(ε, c) on real diffusers classes.
 
-``G_θ``: the UNet2DConditionModel is called once at t=999 on unit Gaussian noise ε (what the
-SD-Turbo pipeline feeds it after ``scale_model_input``), and the scheduler's ᾱ_t converts its
-prediction to the clean latent:
+``G_θ``: the UNet2DConditionModel is called once at t=999 on x_t = √(1−ᾱ_t)·ε for unit Gaussian ε,
+and the scheduler's ᾱ_t converts its prediction to the clean latent:
 
-    epsilon:       x0 = (ε − √(1−ᾱ_t) ε̂) / √ᾱ_t
-    v_prediction:  x0 = √ᾱ_t ε − √(1−ᾱ_t) v̂
+    epsilon:       x0 = (x_t − √(1−ᾱ_t) ε̂) / √ᾱ_t
+    v_prediction:  x0 = √ᾱ_t x_t − √(1−ᾱ_t) v̂
+
+This is exactly what the stock one-step pipeline computes (``StableDiffusion[XL]Pipeline`` with the
+models' Euler "trailing" scheduler, ``num_inference_steps=1``, ``guidance_scale=0``, ``latents=ε``):
+it scales ε by ``init_noise_sigma`` = σ_max and ``scale_model_input`` divides by √(σ_max²+1), which is
+√(1−ᾱ_t)·ε; its Euler step to σ=0 returns x0. So an exported model reproduces training-time samples.
+(The official DrPO code feeds ε unscaled and ends at DDIM's t=0, drpo-method.md §3.1: a 0.2% input
+scale and a √ᾱ_0 = 0.9996 output factor away from this.)
 
 The frozen base ``G_base`` is the same UNet with its LoRA adapter disabled (no second copy). Every
 candidate is reproducible from its seed: ε comes from a per-candidate ``torch.Generator``.
+:class:`OneStepGenerator` is the SD-Turbo family; ``generator_sdxl.SdxlOneStepGenerator`` overrides
+only loading, prompt encoding and the UNet call. :func:`load_generator` picks by ``model.kind``.
 """
 
 from __future__ import annotations
@@ -20,11 +28,11 @@ from pathlib import Path
 import torch
 
 from drpo_core.config import LoraConfig, ModelConfig
-from drpo_core.tiny_models import tiny_sd_turbo_path
+from drpo_core.model_arch import KIND_PIPELINE, ModelLoadError, check_architecture
+from drpo_core.speed import LoraMerger, apply_speed_options
+from drpo_core.tiny_models import tiny_sd_turbo_path, tiny_sdxl_path
 
-
-class ModelLoadError(ValueError):
-    """The model path is missing or does not hold a supported pipeline."""
+__all__ = ["ModelLoadError", "OneStepGenerator", "load_generator", "candidate_noise", "resolve_model_path"]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -34,9 +42,11 @@ def resolve_device(name: str) -> torch.device:
 
 
 def resolve_model_path(path: str) -> str:
-    """'tiny' → the embedded random model (built on first use); a local folder must exist."""
+    """'tiny' / 'tiny-sdxl' → the embedded random models (built on first use); a local folder must exist."""
     if path == "tiny":
         return str(tiny_sd_turbo_path())
+    if path == "tiny-sdxl":
+        return str(tiny_sdxl_path())
     local = Path(path).expanduser()
     if local.exists():
         if not (local / "model_index.json").is_file() and not (local / "unet").is_dir():
@@ -56,27 +66,38 @@ def candidate_noise(seeds: list[int], shape: tuple[int, int, int], device: torch
     return out.to(device=device, dtype=dtype)
 
 
+def clean_prompt(text: str) -> str:
+    """open_clip's prompt cleaning (ftfy fix, HTML unescape, whitespace collapse) before BPE."""
+    import html
+
+    import ftfy
+
+    text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+    return " ".join(text.split())
+
+
+def tokenize_prompts(tokenizer, prompts: list[str]):
+    """CLIP token ids `[B, 77]` (+ attention mask) that equal ``open_clip.tokenize`` on the content tokens."""
+    return tokenizer([clean_prompt(p) for p in prompts], padding="max_length", max_length=tokenizer.model_max_length,
+                     truncation=True, return_tensors="pt")
+
+
 class OneStepGenerator:
     """SD-Turbo-family one-step generator with an optional LoRA adapter (peft) or full fine-tuning."""
 
-    def __init__(self, model_cfg: ModelConfig, lora_cfg: LoraConfig):
-        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-        from transformers import CLIPTextModel, CLIPTokenizer
+    KIND = "sd-turbo"
 
+    def __init__(self, model_cfg: ModelConfig, lora_cfg: LoraConfig):
         self.cfg, self.lora_cfg = model_cfg, lora_cfg
         self.device = resolve_device(model_cfg.device)
         self.dtype = getattr(torch, model_cfg.dtype)
+        self.pipeline_class = KIND_PIPELINE[self.KIND]  # the stock diffusers pipeline this generator reproduces
         path = resolve_model_path(model_cfg.path)
+        check_architecture(path, model_cfg.path, self.KIND)
         try:
-            self.tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
-            self.text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", torch_dtype=self.dtype)
-            self.vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=self.dtype)
-            self.unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=self.dtype)
-            scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler")
+            scheduler = self._load_components(path)
         except (OSError, ValueError, KeyError) as e:
-            raise ModelLoadError(f"cannot load an SD-Turbo-family pipeline from {model_cfg.path!r}: {str(e).splitlines()[0]}") from None
-        if self.unet.config.get("addition_embed_type") is not None:
-            raise ModelLoadError(f"model.path {model_cfg.path!r} is an SDXL-style UNet; model.kind 'sd-turbo' needs an SD 1.x/2.x UNet")
+            raise ModelLoadError(f"cannot load a {self.KIND} pipeline from {model_cfg.path!r}: {str(e).splitlines()[0]}") from None
         self.prediction_type = scheduler.config.prediction_type
         alpha_bar = scheduler.alphas_cumprod[model_cfg.timestep].item()
         self.sqrt_alpha_bar, self.sqrt_one_minus_alpha_bar = alpha_bar**0.5, (1 - alpha_bar) ** 0.5
@@ -85,15 +106,32 @@ class OneStepGenerator:
             raise ModelLoadError(f"model.resolution {model_cfg.resolution} is not a multiple of the VAE factor {self.vae_scale}")
         self.latent_shape = (self.unet.config.in_channels, model_cfg.resolution // self.vae_scale, model_cfg.resolution // self.vae_scale)
 
-        for module in (self.text_encoder, self.vae, self.unet):
+        for module in self.frozen_modules():
             module.requires_grad_(False).eval().to(self.device)
-        self.base_unet = None
+        self.base_unet, self._merger = None, None
         if lora_cfg.enabled:
             self._add_lora()
+            self._merger = LoraMerger(self.unet)
         else:  # full fine-tuning keeps one frozen base copy for the reference drift
             self.base_unet = copy.deepcopy(self.unet).requires_grad_(False)
-            self.unet.requires_grad_(True)
-        self._prompt_cache: dict[str, torch.Tensor] = {}
+            # fp32 master weights: AdamW steps of ~lr·1e-3 vanish below half precision's resolution
+            self.unet.to(torch.float32).requires_grad_(True)
+        apply_speed_options(self)
+        self._prompt_cache: dict = {}
+
+    def _load_components(self, path: str):
+        """Load tokenizer, text encoder, VAE and UNet onto ``self``; return the scheduler."""
+        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        self.tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
+        self.text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", torch_dtype=self.dtype)
+        self.vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=self.dtype)
+        self.unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=self.dtype)
+        return DDPMScheduler.from_pretrained(path, subfolder="scheduler")
+
+    def frozen_modules(self) -> list[torch.nn.Module]:
+        return [self.text_encoder, self.vae, self.unet]
 
     # -- parameters ---------------------------------------------------------------------------
     def _add_lora(self) -> None:
@@ -114,6 +152,8 @@ class OneStepGenerator:
                                              init_lora_weights="gaussian", target_modules=targets))
         # peft's gaussian init leaves B=0, so the policy starts exactly at the base model
         self.unet.to(self.device)
+        for p in self.trainable_parameters():  # fp32 LoRA weights under a half-precision base (peft casts inputs)
+            p.data = p.data.float()
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.unet.parameters() if p.requires_grad]
@@ -127,6 +167,16 @@ class OneStepGenerator:
         return {k: v.detach().cpu().clone() for k, v in self.unet.state_dict().items()}
 
     def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        was_merged = self._merger is not None and self._merger.merged
+        if was_merged:  # a sampling-only generator stays merged: restore W₀, load, merge the new adapter
+            self._merger.unmerge()
+        try:
+            self._load_trainable(state)
+        finally:
+            if was_merged:
+                self._merger.merge()
+
+    def _load_trainable(self, state: dict[str, torch.Tensor]) -> None:
         if self.lora_cfg.enabled:
             from peft import set_peft_model_state_dict
 
@@ -143,8 +193,7 @@ class OneStepGenerator:
         """CLIP text hidden states `[B, 77, E]`, cached per prompt (the text encoder is frozen)."""
         missing = [p for p in dict.fromkeys(prompts) if p not in self._prompt_cache]
         if missing:
-            ids = self.tokenizer(missing, padding="max_length", max_length=self.tokenizer.model_max_length,
-                                 truncation=True, return_tensors="pt").input_ids.to(self.device)
+            ids = tokenize_prompts(self.tokenizer, missing).input_ids.to(self.device)
             hidden = self.text_encoder(ids)[0]
             for p, h in zip(missing, hidden):
                 self._prompt_cache[p] = h
@@ -163,33 +212,83 @@ class OneStepGenerator:
             finally:
                 self.unet = policy
             return
+        was_merged = self._merger.merged
+        self._merger.unmerge()  # peft would otherwise unmerge by subtraction (inexact) when disabled
         self.unet.disable_adapters()
         try:
             yield
         finally:
             self.unet.enable_adapters()
+            if was_merged:
+                self._merger.merge()
 
-    def predict_x0(self, noise: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
+    # -- merged LoRA for sampling -----------------------------------------------------------------
+    def merge_lora(self) -> None:
+        """Fold the LoRA into the UNet weights until :meth:`unmerge_lora` (a sampling-only generator calls
+        this once after loading weights; :meth:`load_trainable_state_dict` keeps it merged)."""
+        if self._merger is not None:
+            self._merger.merge()
+
+    def unmerge_lora(self) -> None:
+        if self._merger is not None:
+            self._merger.unmerge()
+
+    @contextlib.contextmanager
+    def merged(self):
+        """Within the block the LoRA is merged (no-op if already merged or full fine-tuning)."""
+        if self._merger is None or self._merger.merged:
+            yield
+            return
+        self._merger.merge()
+        try:
+            yield
+        finally:
+            self._merger.unmerge()
+
+    def unet_forward(self, sample: torch.Tensor, timestep: torch.Tensor, cond) -> torch.Tensor:
+        """The UNet's raw prediction for ``sample`` `[N, C, h, w]` at ``timestep`` `[N]` given :meth:`encode_prompts` output."""
+        dtype = self.unet.conv_in.weight.dtype
+        return self.unet(sample.to(dtype), timestep, encoder_hidden_states=cond.to(dtype)).sample
+
+    def predict_x0(self, noise: torch.Tensor, text_emb) -> torch.Tensor:
         """G(ε, c): one UNet call at t and the scheduler's x0 conversion. `[N, C, h, w] -> [N, C, h, w]`."""
+        if self._merger is not None and self._merger.merged and torch.is_grad_enabled():
+            raise RuntimeError("the LoRA is merged for sampling; a forward that trains it needs unmerge_lora() first")
         t = torch.full((noise.shape[0],), self.cfg.timestep, device=noise.device, dtype=torch.long)
-        pred = self.unet(noise, t, encoder_hidden_states=text_emb.to(noise.dtype)).sample
+        x_t = self.sqrt_one_minus_alpha_bar * noise
+        pred = self.unet_forward(x_t, t, text_emb)
         if self.prediction_type == "epsilon":
-            return (noise - self.sqrt_one_minus_alpha_bar * pred) / self.sqrt_alpha_bar
-        if self.prediction_type == "v_prediction":
-            return self.sqrt_alpha_bar * noise - self.sqrt_one_minus_alpha_bar * pred
-        raise ModelLoadError(f"unsupported prediction_type {self.prediction_type!r}")
+            x0 = (x_t - self.sqrt_one_minus_alpha_bar * pred) / self.sqrt_alpha_bar
+        elif self.prediction_type == "v_prediction":
+            x0 = self.sqrt_alpha_bar * x_t - self.sqrt_one_minus_alpha_bar * pred
+        else:
+            raise ModelLoadError(f"unsupported prediction_type {self.prediction_type!r}")
+        return x0.to(noise.dtype)  # policy (fp32 master UNet) and base latents share one dtype
+
+    def vae_decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Differentiable VAE decode to images in [0, 1], `[N, 4, h, w] -> [N, 3, H, W]` (fp32)."""
+        images = self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
+        return (images.float() / 2 + 0.5).clamp(0, 1)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """VAE decode to images in [0, 1], `[N, 4, h, w] -> [N, 3, H, W]` (fp32)."""
-        images = self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
-        return (images.float() / 2 + 0.5).clamp(0, 1)
+        """VAE decode to images in [0, 1], `[N, 4, h, w] -> [N, 3, H, W]` (fp32), without gradients."""
+        return self.vae_decode(latents)
 
     @torch.no_grad()
     def generate(self, prompts: list[str], seeds: list[int], base: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Latents and images for one candidate per (prompt, seed) pair; ``base`` uses G_base."""
         emb = self.encode_prompts(prompts)
-        ctx = self.base_model() if base else contextlib.nullcontext()
-        with ctx:
+        merge = self.merged() if self.cfg.merge_lora_for_sampling and not base else contextlib.nullcontext()
+        with merge, (self.base_model() if base else contextlib.nullcontext()):
             latents = self.predict_x0(self.noise(seeds), emb)
         return latents, self.decode(latents)
+
+
+def load_generator(model_cfg: ModelConfig, lora_cfg: LoraConfig) -> OneStepGenerator:
+    """The generator class for ``model_cfg.kind`` (sd-turbo → OneStepGenerator, sdxl-turbo → SdxlOneStepGenerator)."""
+    if model_cfg.kind == "sdxl-turbo":
+        from drpo_core.generator_sdxl import SdxlOneStepGenerator
+
+        return SdxlOneStepGenerator(model_cfg, lora_cfg)
+    return OneStepGenerator(model_cfg, lora_cfg)

@@ -99,7 +99,7 @@ class DrpoLearner:
         self.scheduler.step()
         self.version += 1
         stats.update(sums)
-        stats.update({"loss": float(total), "update/applied": 1.0, "update/grad_norm": float(grad_norm),
+        stats.update({"loss": float(total.detach()), "update/applied": 1.0, "update/grad_norm": float(grad_norm),
                       "update/lr": self.scheduler.get_last_lr()[0],
                       "update/policy_lag": float(sum(self.version - 1 - g.version for g in kept)) / len(kept)})
         return stats

@@ -2,22 +2,48 @@
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 
 from drpo_core.config import PromptsConfig
 
 
+def _read_prompt_file(path: Path) -> list[tuple[str, dict | None]]:
+    """Text file: one prompt per line. ``.jsonl``: one object per line with a ``prompt`` key; the whole
+    object is that prompt's metadata (GenEval's evaluation_metadata.jsonl format works as is)."""
+    if not path.is_file():
+        raise ValueError(f"prompts.file not found: {path}")
+    entries = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        if path.suffix == ".jsonl":
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"prompts.file {path} line {n}: not JSON ({e.msg})") from None
+            if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+                raise ValueError(f"prompts.file {path} line {n}: expected an object with a string 'prompt'")
+            entries.append((record["prompt"], record))
+        else:
+            entries.append((line.strip(), None))
+    if not entries:
+        raise ValueError(f"prompts.file {path} holds no prompts")
+    return entries
+
+
 def training_prompts(cfg: PromptsConfig) -> list[str]:
     if cfg.file:
-        path = Path(cfg.file)
-        if not path.is_file():
-            raise ValueError(f"prompts.file not found: {path}")
-        prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-        if not prompts:
-            raise ValueError(f"prompts.file {path} holds no prompts")
-        return prompts
+        return [p for p, _ in _read_prompt_file(Path(cfg.file))]
     return [cfg.template.format(color=c, object=o) for c in cfg.colors for o in cfg.objects]
+
+
+def prompt_metadata(cfg: PromptsConfig) -> dict[str, dict]:
+    """Per-prompt metadata passed to the rewards (from a ``.jsonl`` prompts file), else empty."""
+    if not cfg.file:
+        return {}
+    return {p: m for p, m in _read_prompt_file(Path(cfg.file)) if m is not None}
 
 
 def heldout_prompts(cfg: PromptsConfig) -> list[str]:

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Callable
@@ -19,10 +20,10 @@ from drpo_core.checkpoint import latest_checkpoint, load_checkpoint, save_checkp
 from drpo_core.config import DrpoConfig, dump_config
 from drpo_core.evaluation import evaluate, heldout_seeds
 from drpo_core.features import build_encoder
-from drpo_core.generator import OneStepGenerator
+from drpo_core.generator import load_generator
 from drpo_core.groups import CandidateGroup, candidate_seed
 from drpo_core.learner import DrpoLearner
-from drpo_core.prompts import PromptSampler, heldout_prompts, training_prompts
+from drpo_core.prompts import PromptSampler, heldout_prompts, prompt_metadata, training_prompts
 from drpo_core.ranking import SKIP_TOO_FEW_NEGATIVES, SKIP_TOO_FEW_POSITIVES, select_anchors
 from drpo_core.reporting import MetricsWriter, plot_reward_curve, save_grid
 from drpo_core.rewards import build_reward
@@ -58,20 +59,22 @@ class DrpoTrainer:
         self.cfg = cfg
         self.output_dir = Path(output_dir or cfg.output.dir)
         torch.manual_seed(cfg.trainer.seed)
-        self.generator = OneStepGenerator(cfg.model, cfg.lora)
-        self.encoder = build_encoder(cfg.features, self.generator.latent_shape[0], self.generator.device)
+        self.generator = load_generator(cfg.model, cfg.lora)
+        self.encoder = build_encoder(cfg.features, self.generator.latent_shape[0], self.generator.device, generator=self.generator)
         self.sampler = CandidateSampler(self.generator, with_base=cfg.algo.lambda_ref > 0)
         self.scorer = RewardScorer(rewards or build_rewards(cfg), binary=cfg.algo.binary_threshold is not None,
                                    shuffle_seed=cfg.trainer.seed if cfg.algo.shuffle_rewards else None)
         self.learner = DrpoLearner(self.generator, self.encoder, cfg.algo, cfg.trainer)
         self.prompts = PromptSampler(training_prompts(cfg.prompts), cfg.trainer.seed)
+        self.metadata = prompt_metadata(cfg.prompts)
         self.step = 0
 
     # -- one step, in the order of the algorithm box --------------------------------------------
     def collect(self, step: int, prompts: list[str]) -> tuple[list[CandidateGroup], dict[str, float]]:
         """Sample and score one group per prompt, with extra rounds for binary rewards."""
         K, seed = self.cfg.algo.num_candidates, self.cfg.trainer.seed
-        groups = [self.sampler.sample(f"{step}:{slot}", prompt, [candidate_seed(seed, step, slot, i) for i in range(K)])
+        groups = [self.sampler.sample(f"{step}:{slot}", prompt, [candidate_seed(seed, step, slot, i) for i in range(K)],
+                                      metadata=self.metadata.get(prompt))
                   for slot, prompt in enumerate(prompts)]
         self.scorer.score(groups)
         stats = group_stats(groups)
@@ -124,9 +127,19 @@ class DrpoTrainer:
         _, images = self.generator.generate([p for p in prompts for _ in seeds], [s for _ in prompts for s in seeds], base=base)
         return save_grid(images, rows=len(prompts), path=self.output_dir / "samples" / f"{name}.png")
 
+    def save_before_after(self) -> Path:
+        """Base (top rows) and current policy (bottom rows) on the same held-out prompts and seeds."""
+        prompts = self.sample_prompts()
+        seeds = heldout_seeds(self.cfg.trainer.eval_seeds, "grid")
+        pairs = ([p for p in prompts for _ in seeds], [s for _ in prompts for s in seeds])
+        base = self.generator.generate(*pairs, base=True)[1]
+        policy = self.generator.generate(*pairs)[1]
+        return save_grid(torch.cat([base, policy]), rows=2 * len(prompts), path=self.output_dir / "samples" / "before_after.png")
+
     def save_checkpoint(self) -> Path:
         return save_checkpoint(self.output_dir / "checkpoints" / f"step_{self.step}", generator=self.generator,
-                               learner=self.learner, step=self.step, sampler_state=self.prompts.state())
+                               learner=self.learner, step=self.step, sampler_state=self.prompts.state(),
+                               extra={"config": self.cfg.model_dump(mode="json")})  # drpo export rebuilds the pipeline from it
 
     def resume(self, folder: Path) -> None:
         state = load_checkpoint(folder, generator=self.generator, learner=self.learner)
@@ -160,6 +173,9 @@ class DrpoTrainer:
                     self.save_samples(f"step_{self.step}")
                 if self.step % tc.checkpoint_every == 0 or self.step == tc.steps:
                     self.save_checkpoint()
+        except KeyboardInterrupt:
+            self.save_checkpoint()  # an interrupted run keeps its progress; --resume continues it
+            raise
         finally:
             metrics.close()
         checkpoint = out / "checkpoints" / f"step_{self.step}"
@@ -168,4 +184,10 @@ class DrpoTrainer:
         final = {"samples": str(self.save_samples(f"step_{self.step}")), "checkpoint": str(checkpoint),
                  "metrics": str(out / "metrics.jsonl")}
         final["reward_curve"] = str(plot_reward_curve(out / "metrics.jsonl", out / "plots" / "reward_curve.png"))
+        final["before_after"] = str(self.save_before_after())
+        if tc.heldout_eval_seeds:
+            result = self.evaluate(tc.heldout_eval_seeds)
+            (out / "eval.json").write_text(json.dumps(result, indent=2))
+            final["eval"] = str(out / "eval.json")
+            final["eval_summary"] = result["overall"]
         return final

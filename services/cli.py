@@ -53,9 +53,52 @@ def train(
 ) -> None:
     """Train with DrPO and write metrics, reward curve, sample grids and checkpoints."""
     cfg = load(config, set_, output_dir)
-    from services.train_local import run_local
+    if local:
+        from services.train_local import run_local
 
-    run_local(cfg, resume=resume, fail=fail)
+        run_local(cfg, resume=resume, fail=fail)
+    else:  # Ray: joins RAY_ADDRESS (e.g. under `ray job submit`) or starts an embedded local cluster
+        from services.train_ray import run_ray
+
+        run_ray(cfg, resume=resume, fail=fail)
+
+
+@app.command("serve-reward")
+def serve_reward(
+    reward: str = typer.Option("hue_fraction", "--reward", "-r", help="reward kind (as in rewards[].kind)"),
+    set_: list[str] = typer.Option([], "--set", "-s", help="reward field, e.g. --set options.min_saturation=0.3 or --set path=/models/hps"),
+    host: str = typer.Option("127.0.0.1", "--host", help="address to listen on (0.0.0.0 for all interfaces)"),
+    port: int = typer.Option(8000, "--port", "-p", min=1, max=65535),
+    token_env: Optional[str] = typer.Option(None, "--token-env", help="environment variable holding the bearer token clients must send"),
+    grpc: bool = typer.Option(False, "--grpc", help="serve drpo.reward.v1.RewardService over gRPC instead of JSON over HTTP"),
+    metrics_port: Optional[int] = typer.Option(None, "--metrics-port", help="--grpc only: serve Prometheus /metrics on this port"),
+) -> None:
+    """Serve one reward to remote trainers over HTTP (JSON) or gRPC, with /healthz and Prometheus metrics."""
+    from drpo_core.config import ConfigError
+    from services.reward_server import reward_config_from_cli, serve_reward as serve
+
+    try:
+        serve(reward_config_from_cli(reward, set_), host, port, token_env, use_grpc=grpc, metrics_port=metrics_port)
+    except (ConfigError, ValueError) as e:
+        fail(str(e))
+
+
+@app.command()
+def export(
+    checkpoint: Path = typer.Option(..., "--checkpoint", help="checkpoint folder, or a run folder (its newest checkpoint)"),
+    out: Path = typer.Option(..., "--out", help="output folder: pytorch_lora_weights.safetensors for pipe.load_lora_weights(OUT)"),
+    full_pipeline: bool = typer.Option(False, "--full-pipeline", help="also write a full diffusers pipeline into OUT "
+                                       "(LoRA fused), loadable with AutoPipelineForText2Image.from_pretrained(OUT)"),
+) -> None:
+    """Export a checkpoint for stock diffusers: LoRA weights and, optionally, a full pipeline folder."""
+    from drpo_core.export import export_checkpoint
+
+    try:
+        written = export_checkpoint(checkpoint, out, full_pipeline=full_pipeline)
+    except ValueError as e:  # ExportError, ModelLoadError (base model missing)
+        fail(str(e))
+    for what, path in written.items():
+        typer.echo(f"{what:11s} {path}")
 
 
 def main() -> None:

@@ -20,13 +20,14 @@ def check_output_dir(out: Path, resume: Path | None, fail: Callable[[str], None]
 def run_local(cfg, resume: Path | None, fail: Callable[[str], None]) -> dict:
     from drpo_core.checkpoint import CheckpointError
     from drpo_core.generator import ModelLoadError
-    from drpo_core.trainer import DrpoTrainer
+    from drpo_core.trainer import DrpoTrainer, build_rewards
+    from services.rewards import build_reward
 
     console = Console(stderr=True)
     out = Path(cfg.output.dir)
     check_output_dir(out, resume, fail)
     try:
-        trainer = DrpoTrainer(cfg, output_dir=out)
+        trainer = DrpoTrainer(cfg, output_dir=out, rewards=build_rewards(cfg, builder=build_reward))
     except (ModelLoadError, ValueError) as e:
         fail(str(e))
     progress = Progress(TextColumn("[bold]DrPO"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
@@ -43,6 +44,11 @@ def run_local(cfg, resume: Path | None, fail: Callable[[str], None]) -> dict:
         except CheckpointError as e:
             fail(str(e))
     console.print(f"[green]done[/] {trainer.step} steps → {out}")
-    for key in ("reward_curve", "samples", "checkpoint", "metrics"):
-        console.print(f"  {key:13s} {result[key]}")
+    for key in ("reward_curve", "samples", "before_after", "checkpoint", "metrics", "eval"):
+        if key in result:
+            console.print(f"  {key:13s} {result[key]}")
+    if "eval_summary" in result:
+        e = result["eval_summary"]
+        console.print(f"  held-out reward: base {e['base_mean']:.4f} → policy {e['policy_mean']:.4f}, "
+                      f"paired gain {e['gain']:+.4f} ± {e['gain_se']:.4f} ({e['z']:.1f} s.e., n={e['n']})")
     return result

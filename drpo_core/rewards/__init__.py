@@ -25,6 +25,14 @@ def build_reward(cfg: RewardConfig) -> RewardFn:
             return HueFractionReward(**cfg.options)
         except TypeError as e:
             raise ValueError(f"rewards[{cfg.label}].options: {e}") from None
+    if cfg.kind == "http":
+        from drpo_core.rewards.http import HttpReward  # lazy: httpx only when a remote reward is configured
+
+        return HttpReward.from_config(cfg)
+    if cfg.kind in ("hps", "pickscore", "clip", "geneval"):
+        from drpo_core.rewards.model_factory import build_model_reward  # lazy: open_clip/transformers only when used
+
+        return build_model_reward(cfg)
     raise ValueError(f"unknown reward kind {cfg.kind!r}")
 
 

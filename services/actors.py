@@ -1,0 +1,207 @@
+"""Actor bodies of the distributed runtime: thin shells over the plain drpo_core workers.
+
+``CandidateSampler``, ``RewardScorer`` and ``DrpoLearner`` do the work; these classes only build them
+from the validated config (sent as JSON), pull published weights, time their calls and return small
+control records next to the data. ``ray.remote`` is applied from outside (services/runtime.py), so a
+test can construct every class in-process.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from drpo_core.checkpoint import latest_checkpoint, load_checkpoint
+from drpo_core.config import DrpoConfig
+from drpo_core.features import build_encoder
+from drpo_core.generator import load_generator
+from drpo_core.groups import CandidateGroup
+from drpo_core.learner import DrpoLearner
+from drpo_core.prompts import PromptSampler, training_prompts
+from drpo_core.rewards import build_reward
+from drpo_core.sampler import CandidateSampler
+from drpo_core.scoring import RewardScorer
+from drpo_core.trainer import DrpoTrainer, build_rewards
+from services.weights import WeightsHandle, pack_state, unpack_state
+
+
+@dataclass(frozen=True)
+class GroupRequest:
+    """One prompt group to sample: ``group_id`` is ``"<step>:<slot>"`` exactly as in DrpoTrainer.collect."""
+
+    group_id: str
+    step: int
+    slot: int
+    prompt: str
+    seeds: list[int]
+    metadata: dict | None = None
+
+
+@dataclass(frozen=True)
+class GenerationInfo:
+    """What the driver needs about a generated group; the group itself stays in the object store."""
+
+    group_id: str
+    version: int
+    size: int
+    seconds: float
+    sync_seconds: float
+    pid: int
+
+
+@dataclass
+class ScoreResult:
+    """Rewards and ranking scores of one group (``rewards``: label → `[K']`, ``scores``: `[K']`, NaN = missing)."""
+
+    group_id: str
+    version: int
+    rewards: dict[str, torch.Tensor]
+    scores: torch.Tensor
+    stats: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @classmethod
+    def missing(cls, group_id: str, version: int, size: int, labels: list[str]) -> "ScoreResult":
+        """Every score missing: the learner skips the group (``too_few_valid``) instead of the job stalling."""
+        nan = torch.full((size,), float("nan"))
+        return cls(group_id, version, {label: nan.clone() for label in labels}, nan.clone())
+
+
+class LearnerRestartedError(RuntimeError):
+    """The learner's state is not the one the controller last saw (Ray restarted it from a checkpoint)."""
+
+
+def _config(cfg_json: str) -> DrpoConfig:
+    return DrpoConfig.model_validate_json(cfg_json)
+
+
+def _pull(handle: WeightsHandle, timeout_s: float) -> dict[str, torch.Tensor]:
+    import ray
+
+    payload = ray.get(handle.ref, timeout=timeout_s) if isinstance(handle.ref, ray.ObjectRef) else handle.ref
+    return unpack_state(payload)
+
+
+class GeneratorActor:
+    """Holds a OneStepGenerator; samples K candidates (+ frozen-base latents) per request."""
+
+    def __init__(self, cfg_json: str):
+        cfg = _config(cfg_json)
+        self.pull_timeout_s = cfg.runtime.request_timeout_s
+        self.sampler = CandidateSampler(load_generator(cfg.model, cfg.lora), with_base=cfg.algo.lambda_ref > 0)
+        self.sampler.version = -1  # no published weights yet: the first request always pulls
+
+    def _sync(self, weights: WeightsHandle) -> float:
+        """Pull the published version if ours differs (a restarted learner may publish an older one)."""
+        if weights.version == self.sampler.version:
+            return 0.0
+        t0 = time.perf_counter()
+        self.sampler.set_weights(_pull(weights, self.pull_timeout_s), weights.version)
+        return time.perf_counter() - t0
+
+    def generate(self, weights: WeightsHandle, request: GroupRequest) -> tuple[CandidateGroup, GenerationInfo]:
+        sync = self._sync(weights)
+        t0 = time.perf_counter()
+        group = self.sampler.sample(request.group_id, request.prompt, request.seeds, request.metadata)
+        return group, GenerationInfo(group.group_id, group.version, group.size, time.perf_counter() - t0, sync, os.getpid())
+
+    def extend(self, weights: WeightsHandle, group: CandidateGroup, seeds: list[int]) -> tuple[CandidateGroup, GenerationInfo]:
+        """Another K-candidate round for a binary reward that found too few passes or fails."""
+        sync = self._sync(weights)
+        t0 = time.perf_counter()
+        group = self.sampler.extend(group, seeds)
+        return group, GenerationInfo(group.group_id, group.version, group.size, time.perf_counter() - t0, sync, os.getpid())
+
+    def ping(self) -> dict:
+        return {"pid": os.getpid(), "version": self.sampler.version}
+
+
+class RewardActor:
+    """Holds a RewardScorer with the configured rewards; scores one group per call (idempotent)."""
+
+    def __init__(self, cfg_json: str):
+        cfg = _config(cfg_json)
+        self.scorer = RewardScorer(build_rewards(cfg), binary=cfg.algo.binary_threshold is not None,
+                                   shuffle_seed=cfg.trainer.seed if cfg.algo.shuffle_rewards else None)
+
+    def score(self, group: CandidateGroup) -> ScoreResult:
+        t0 = time.perf_counter()
+        self.scorer.score([group])
+        return ScoreResult(group.group_id, group.version, group.rewards, group.scores, self.scorer.pop_stats(),
+                           time.perf_counter() - t0)
+
+    def ping(self) -> dict:
+        return {"pid": os.getpid()}
+
+
+class LearnerActor(DrpoTrainer):
+    """Holds the trainable generator, the frozen encoder and DrpoLearner; checkpoints and publishes weights.
+
+    It inherits DrpoTrainer's output helpers (sample grids, before/after grid, checkpoints, held-out
+    evaluation), so both runtimes write the same files; sampling and scoring live in the other actors.
+    Built in DrpoTrainer's order under the same seed (identical LoRA init). On construction it restores
+    the newest checkpoint of its run folder (a Ray restart after a crash) or of ``resume``.
+    """
+
+    def __init__(self, cfg_json: str, output_dir: str, resume: str | None = None):
+        # not DrpoTrainer.__init__: the learner needs no sampler, and builds a reward only for grids/eval
+        self.cfg = cfg = _config(cfg_json)
+        self.output_dir = Path(output_dir)
+        torch.manual_seed(cfg.trainer.seed)
+        self.generator = load_generator(cfg.model, cfg.lora)
+        self.encoder = build_encoder(cfg.features, self.generator.latent_shape[0], self.generator.device, generator=self.generator)
+        self.learner = DrpoLearner(self.generator, self.encoder, cfg.algo, cfg.trainer)
+        self.prompts = PromptSampler(training_prompts(cfg.prompts), cfg.trainer.seed)  # position set by the controller
+        self.step, self._scorer = 0, None
+        self.restored = {"step": 0, "sampler": None, "checkpoint": None}
+        folder = latest_checkpoint(self.output_dir) or (resume and (latest_checkpoint(Path(resume)) or Path(resume)))
+        if folder:
+            state = load_checkpoint(Path(folder), generator=self.generator, learner=self.learner)
+            self.step = int(state["step"])
+            self.restored = {"step": self.step, "sampler": state["sampler"], "checkpoint": str(folder)}
+
+    @property
+    def scorer(self):
+        """The first reward only (sample-grid classes and the held-out eval use it), built on first use."""
+        if self._scorer is None:
+            first = self.cfg.rewards[0]
+            self._scorer = RewardScorer({first.label: (build_reward(first), first.weight)})
+        return self._scorer
+
+    def restore_point(self) -> dict:
+        """Step, weight version and prompt-sampler position this learner (re)started from."""
+        return dict(self.restored, version=self.learner.version)
+
+    def _expect(self, version: int) -> None:
+        """A learner that Ray restarted from an older checkpoint must not take calls meant for the old one."""
+        if version != self.learner.version:
+            raise LearnerRestartedError(f"learner is at version {self.learner.version} (restarted from "
+                                        f"{self.restored['checkpoint']}), the controller expected {version}")
+
+    def update(self, expect_version: int, scores: list[ScoreResult], *groups: CandidateGroup) -> dict[str, float]:
+        """One DrPO step on scored groups (Ray resolves the group references before the call)."""
+        self._expect(expect_version)
+        t0 = time.perf_counter()
+        for g, s in zip(groups, scores, strict=True):
+            g.rewards, g.scores = s.rewards, s.scores
+        stats = self.learner.update(list(groups))
+        stats.update({"version": float(self.learner.version), "timing/update_s": time.perf_counter() - t0})
+        return stats
+
+    def publish_weights(self) -> dict:
+        """The trainable state as numpy arrays: the return value is the object-store copy for this version."""
+        return pack_state(self.generator.trainable_state_dict())
+
+    def checkpoint(self, expect_version: int, step: int, sampler_state: dict) -> str:
+        """DrpoTrainer.save_checkpoint at ``step`` with the controller's prompt position."""
+        self._expect(expect_version)
+        self.step = step
+        self.prompts.load_state(sampler_state)
+        return str(self.save_checkpoint())
+
+    def ping(self) -> dict:
+        return {"pid": os.getpid(), "version": self.learner.version}

@@ -1,0 +1,145 @@
+"""Connecting to Ray and starting the three roles: generator pool, reward pool, learner.
+
+``connect``: inside a cluster (``RAY_ADDRESS`` set, as under ``ray job submit``, or
+``runtime.address``) it joins it; otherwise it starts an embedded local cluster with
+``runtime.local_num_cpus`` CPUs. ``RayRuntime.start`` checks the resource plan against the cluster
+first, then applies ``ray.remote`` to the plain actor classes and waits until every replica answers.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray.exceptions import GetTimeoutError, RayError
+
+from drpo_core.config import DrpoConfig
+from services.actors import GeneratorActor, LearnerActor, RewardActor
+from services.replica_pool import HEALTH_GROUP, PoolExhaustedError, ReplicaPool, _short
+from services.roles import ResourcePlan, Role, cluster_view
+
+# Variables every actor needs to see like the driver does (offline hub, model cache, tokenizer threads).
+PROPAGATED_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME", "HF_HUB_CACHE", "DRPO_CACHE", "TOKENIZERS_PARALLELISM")
+
+
+class LearnerStartError(RuntimeError):
+    """The learner actor did not come up (bad checkpoint, model error, no resources)."""
+
+
+def propagated_env() -> dict[str, str]:
+    return {k: os.environ[k] for k in PROPAGATED_ENV if k in os.environ}
+
+
+def connect(cfg: DrpoConfig) -> bool:
+    """Join the configured/ambient cluster or start an embedded one; True if this call started Ray."""
+    if ray.is_initialized():
+        return False
+    address = cfg.runtime.address or os.environ.get("RAY_ADDRESS")
+    if address:  # an http:// dashboard address is what `ray job submit` takes; drivers join the GCS
+        ray.init(address="auto" if address.startswith("http") else address)
+        return True
+    ray.init(num_cpus=cfg.runtime.local_num_cpus, include_dashboard=False, log_to_driver=False)
+    return True
+
+
+@dataclass
+class RoleClasses:
+    """The classes that become actors (a benchmark may swap in cost-simulating ones with the same methods)."""
+
+    generator: type = GeneratorActor
+    reward: type = RewardActor
+    learner: type = LearnerActor
+
+
+@dataclass
+class RayRuntime:
+    cfg: DrpoConfig
+    plan: ResourcePlan
+    generators: ReplicaPool
+    rewards: ReplicaPool
+    learner: Any
+    output_dir: Path
+    resume: str | None
+    classes: RoleClasses
+    placement_group: Any = None
+    learner_bundle: int | None = None
+    _remote: dict = field(default_factory=dict)
+
+    @classmethod
+    def start(cls, cfg: DrpoConfig, output_dir: Path, resume: Path | None = None, classes: RoleClasses | None = None) -> "RayRuntime":
+        rt, classes = cfg.runtime, classes or RoleClasses()
+        plan = ResourcePlan.from_config(rt, propagated_env())
+        plan.check(*cluster_view())
+        group, indices = plan.reserve(rt.start_timeout_s)
+        remote = {role: ray.remote(concurrency_groups=HEALTH_GROUP)(getattr(classes, role.value)) for role in Role}
+        cfg_json = cfg.model_dump_json()
+
+        def factory(role: Role):
+            def make(i: int):
+                bundles = indices.get(role, [])
+                opts = plan.actor_options(role, group if i < len(bundles) else None, bundles[i] if i < len(bundles) else None)
+                return remote[role].options(**opts).remote(cfg_json)
+            return make
+
+        def pool(role: Role) -> ReplicaPool:
+            rc = getattr(rt, role.value)
+            return ReplicaPool(role.value, factory(role), rc.replicas, max_in_flight=rc.max_in_flight,
+                               request_timeout_s=rt.request_timeout_s, max_attempts=rt.max_attempts,
+                               restart_budget=rt.replica_restart_budget, health_interval_s=rt.health_check_interval_s,
+                               health_timeout_s=max(30.0, 3 * rt.health_check_interval_s), start_timeout_s=rt.start_timeout_s)
+
+        self = cls(cfg, plan, None, None, None, Path(output_dir), str(resume) if resume else None, classes, group,
+                   indices.get(Role.LEARNER, [None])[0], remote)
+        try:
+            self.learner = self.new_learner()
+            self.generators, self.rewards = pool(Role.GENERATOR), pool(Role.REWARD)
+            self.generators.wait_ready(rt.start_timeout_s)
+            self.rewards.wait_ready(rt.start_timeout_s)
+            self.wait_learner(rt.start_timeout_s)
+        except BaseException:
+            self.shutdown()
+            raise
+        return self
+
+    def new_learner(self):
+        opts = self.plan.actor_options(Role.LEARNER, self.placement_group, self.learner_bundle)
+        return self._remote[Role.LEARNER].options(**opts).remote(self.cfg.model_dump_json(), str(self.output_dir), self.resume)
+
+    def wait_learner(self, timeout_s: float) -> dict:
+        """The learner's ping, raising :class:`LearnerStartError` with the constructor's last error line."""
+        try:
+            return ray.get(self.learner.ping.remote(), timeout=timeout_s)
+        except GetTimeoutError:
+            raise LearnerStartError(f"the learner did not start within {timeout_s:g}s (runtime.start_timeout_s)") from None
+        except RayError as e:
+            raise LearnerStartError(f"the learner failed to start: {_short(e)}") from None
+
+    def replace_learner(self) -> None:
+        """After the learner died for good (Ray restarts spent): a new one resumes from the last checkpoint."""
+        try:
+            ray.kill(self.learner, no_restart=True)
+        except Exception:  # already gone
+            pass
+        self.learner = self.new_learner()
+
+    def shutdown(self) -> None:
+        for p in (self.generators, self.rewards):
+            if p is not None:
+                p.shutdown()
+        if self.learner is not None:
+            try:
+                ray.kill(self.learner, no_restart=True)
+            except Exception:
+                pass
+            self.learner = None
+        if self.placement_group is not None:
+            from ray.util.placement_group import remove_placement_group
+
+            remove_placement_group(self.placement_group)
+            self.placement_group = None
+
+
+__all__ = ["RayRuntime", "RoleClasses", "connect", "LearnerStartError", "PoolExhaustedError"]

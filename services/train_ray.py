@@ -1,0 +1,78 @@
+"""`drpo train` (without --local): the actor–learner runtime on Ray, with the local trainer's outputs and errors.
+
+On a machine with no cluster it starts an embedded one; under ``ray job submit`` (RAY_ADDRESS set) it
+joins the job's cluster. Placement is checked before any actor starts; a bad model path, checkpoint
+or resource plan ends with one line and exit code 2.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from services.train_local import check_output_dir
+
+
+def run_ray(cfg, resume: Path | None, fail: Callable[[str], None]) -> dict:
+    import ray
+
+    from drpo_core.checkpoint import CheckpointError
+    from drpo_core.generator import ModelLoadError, resolve_model_path
+    from services.controller import Controller
+    from services.metrics import MetricsExporter
+    from services.roles import PlacementError
+    from services.runtime import LearnerStartError, PoolExhaustedError, RayRuntime, connect
+
+    console = Console(stderr=True)
+    out = Path(cfg.output.dir)
+    check_output_dir(out, resume, fail)
+    try:
+        resolve_model_path(cfg.model.path)  # fail here in one line, not in every actor's constructor
+    except ModelLoadError as e:
+        fail(str(e))
+    started = connect(cfg)
+    exporter, runtime = None, None
+    try:
+        if cfg.runtime.metrics_port:
+            exporter = MetricsExporter()
+            try:
+                exporter.serve(cfg.runtime.metrics_port, cfg.runtime.metrics_host)
+            except OSError as e:
+                fail(f"runtime.metrics_port {cfg.runtime.metrics_port}: {e.strerror or e}")
+            console.print(f"metrics on http://{cfg.runtime.metrics_host}:{cfg.runtime.metrics_port}/metrics")
+        try:
+            runtime = RayRuntime.start(cfg, out, resume=resume)
+        except (PlacementError, PoolExhaustedError, LearnerStartError) as e:
+            fail(str(e))
+        rt = cfg.runtime
+        console.print(f"ray: {rt.generator.replicas} generator, {rt.reward.replicas} reward, 1 learner; "
+                      f"max_staleness {rt.max_staleness}; cluster {dict(ray.cluster_resources())}")
+        progress = Progress(TextColumn("[bold]DrPO·ray"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+                            TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False)
+        controller = Controller(cfg, runtime, out, exporter)
+        with progress:
+            task = progress.add_task("train", total=cfg.trainer.steps, info="", completed=0)
+
+            def on_step(stats: dict) -> None:
+                info = (f"reward {stats.get('reward/mean') or float('nan'):.4f}  loss {stats.get('loss', float('nan')):.2f}  "
+                        f"{stats['time/step_s']:.2f}s/step  lag {stats['lag/mean']:.1f}")
+                progress.update(task, completed=stats["step"], info=info)
+
+            try:
+                result = controller.run(on_step=on_step, resume=resume)
+            except CheckpointError as e:
+                fail(str(e))
+        console.print(f"[green]done[/] {controller.step} steps → {out}")
+        for key in ("reward_curve", "samples", "checkpoint", "metrics"):
+            console.print(f"  {key:13s} {result[key]}")
+        return result
+    finally:
+        if runtime is not None:
+            runtime.shutdown()
+        if exporter is not None:
+            exporter.close()
+        if started:
+            ray.shutdown()

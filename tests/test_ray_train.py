@@ -1,0 +1,189 @@
+"""The Ray actor–learner runtime against the single-process trainer, on the shared local cluster.
+
+Every run uses real actors (tiny SD-Turbo generator, hue reward, learner) with fractional CPUs and
+timeouts; faults are real: ``ray.kill`` of replicas while they hold work, the learner mid-run.
+Ground truth is DrpoTrainer with the same config and the actors' thread count (one): with
+max_staleness 0 the distributed run must produce the same weights. (Across thread counts float
+noise differs, and AdamW turns noise-level gradients into full-size steps, so the thread count matters.)
+"""
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from drpo_core.config import load_config
+from drpo_core.reporting import read_metrics
+from drpo_core.trainer import DrpoTrainer
+
+ray = pytest.importorskip("ray")
+
+from services.controller import Controller  # noqa: E402
+from services.runtime import RayRuntime  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = ["trainer.prompts_per_step=2", "algo.num_candidates=6", "algo.num_anchors=2", "trainer.lr=1e-2",
+        "trainer.heldout_eval_seeds=2", "trainer.eval_seeds=2", "runtime.max_staleness=0",
+        "runtime.generator.num_cpus=0.3", "runtime.reward.num_cpus=0.1", "runtime.learner.num_cpus=0.5",
+        "runtime.start_timeout_s=240", "runtime.request_timeout_s=120", "runtime.health_check_interval_s=2"]
+STEPS = 3
+
+
+def config(tmp_path, *overrides, name="run"):
+    return load_config([], [*FAST, f"trainer.steps={STEPS}", f"output.dir={tmp_path / name}", *overrides])
+
+
+def run(cfg, resume=None, on_start=None, on_step=None) -> tuple[dict, list[dict]]:
+    rt = RayRuntime.start(cfg, Path(cfg.output.dir), resume=resume)
+    try:
+        if on_start:
+            on_start(rt)
+        result = Controller(cfg, rt).run(on_step=on_step, resume=resume)
+    finally:
+        rt.shutdown()
+    return result, read_metrics(Path(cfg.output.dir) / "metrics.jsonl")
+
+
+def trainable(checkpoint) -> dict[str, torch.Tensor]:
+    return load_file(str(Path(checkpoint) / "trainable.safetensors"))
+
+
+def grid_pixels(path) -> torch.Tensor:
+    from PIL import Image
+
+    return torch.tensor(list(Image.open(path).convert("RGB").getdata()), dtype=torch.int16)
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-7, msg=k)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """DrpoTrainer (single process) with the same config: weights after steps 0..STEPS and per-step stats."""
+    tmp = tmp_path_factory.mktemp("local")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the actors (Ray gives a fractional-CPU actor one thread)
+    try:
+        trainer = DrpoTrainer(config(tmp), output_dir=tmp / "local")
+        weights = [trainer.generator.trainable_state_dict()]
+        stats = []
+        for _ in range(STEPS):
+            stats.append(trainer.train_step())
+            weights.append(trainer.generator.trainable_state_dict())
+        trainer.save_samples("step_0", base=True)  # the policy at step 0 is the base
+    finally:
+        torch.set_num_threads(threads)
+    return {"weights": weights, "stats": stats, "grid": tmp / "local" / "samples" / "step_0.png"}
+
+
+def kill_when_busy(pool, method: str, min_step: int, killed: list) -> threading.Thread:
+    """Kill (Ray restarts it) the replica that holds the first ``method`` call of a step ≥ ``min_step``."""
+    def watch():
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and not killed:
+            try:
+                calls = list(pool.calls.values())
+            except RuntimeError:  # the controller thread changed the dict; look again
+                continue
+            for call in calls:
+                if call.request.method == method and int(call.request.request_id.split(":")[0]) >= min_step:
+                    ray.kill(call.replica.handle, no_restart=False)
+                    killed.append(call.request.request_id)
+                    return
+            time.sleep(0.002)
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_synchronous_run_equals_the_single_process_trainer(ray_cluster, tmp_path, reference):
+    cfg = config(tmp_path, "runtime.placement=PACK")  # also: every replica inside one placement group
+    result, rows = run(cfg)
+    for step in range(STEPS):  # the first step alone already pins the whole pipeline; all of them must match
+        assert rows[step]["step"] == step + 1 and rows[step]["lag/groups"] == [0, 0]
+        for key in ("reward/mean", "loss", "loss/pref", "update/grad_norm"):
+            assert rows[step][key] == pytest.approx(reference["stats"][step][key], rel=1e-4, abs=1e-6), key
+    assert_same_weights(trainable(result["checkpoint"]), reference["weights"][STEPS])
+    assert set(reference["stats"][0]) <= set(rows[0])  # the trainer's keys, plus timing/lag/runtime
+    for key in ("timing/generate_s", "timing/score_s", "timing/update_s", "timing/publish_s", "lag/mean", "runtime/groups_reissued"):
+        assert key in rows[0], key
+    out = Path(cfg.output.dir)
+    for f in ("config.yaml", "plots/reward_curve.png", "samples/step_0.png", f"samples/step_{STEPS}.png",
+              "samples/before_after.png", "eval.json", f"checkpoints/step_{STEPS}/pytorch_lora_weights.safetensors"):
+        assert (out / f).is_file(), f
+    assert grid_pixels(out / "samples" / "step_0.png").sub(grid_pixels(reference["grid"])).abs().max() <= 1
+    assert json.loads((out / "eval.json").read_text())["overall"]["n"] > 0
+
+
+def test_killed_replicas_lose_and_double_count_nothing(ray_cluster, tmp_path, reference):
+    cfg = config(tmp_path, "runtime.generator.replicas=2", "runtime.reward.replicas=2")
+    killed_gen, killed_rew = [], []
+
+    def start_killers(rt):
+        kill_when_busy(rt.generators, "generate", 1, killed_gen)
+        kill_when_busy(rt.rewards, "score", 2, killed_rew)
+
+    result, rows = run(cfg, on_start=start_killers)
+    assert killed_gen and killed_rew, "the killers never found work in flight"
+    assert [r["update/groups"] for r in rows] == [2.0] * STEPS  # every step learned from exactly its B groups
+    assert rows[-1]["runtime/groups_reissued"] >= 1 and rows[-1]["pool/generator/restarts"] >= 1
+    # re-issued groups are regenerated from the same seeds and weights version: the run is unchanged
+    assert_same_weights(trainable(result["checkpoint"]), reference["weights"][STEPS])
+
+
+def test_dead_learner_restarts_from_its_last_checkpoint(ray_cluster, tmp_path, reference):
+    cfg = config(tmp_path, "trainer.checkpoint_every=1")
+    done = []
+
+    def kill_learner_at_step_2(stats):
+        if stats["step"] == 2 and not done:
+            done.append(1)
+            ray.kill(rt_holder[0].learner, no_restart=False)  # dies before step 2 is checkpointed
+
+    rt_holder = []
+    result, rows = run(cfg, on_start=rt_holder.append, on_step=kill_learner_at_step_2)
+    assert rows[-1]["runtime/learner_restarts"] == 1
+    assert [r["step"] for r in rows] == [1, 2, 2, 3]  # step 2 was redone from the step-1 checkpoint
+    assert_same_weights(trainable(result["checkpoint"]), reference["weights"][STEPS])
+
+
+def test_cli_resume_on_the_cluster_matches_the_uninterrupted_run(ray_cluster, tmp_path, reference):
+    """`drpo train` (Ray, joining the cluster through RAY_ADDRESS) killed after a checkpoint, then --resume."""
+    cfg = config(tmp_path, "trainer.checkpoint_every=1")
+
+    class JobKilled(Exception):
+        pass
+
+    def die_at_step_2(stats):
+        if stats["step"] == 2:
+            raise JobKilled  # before the step-2 checkpoint: the newest is step 1
+
+    with pytest.raises(JobKilled):
+        run(cfg, on_step=die_at_step_2)
+    out = Path(cfg.output.dir)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_1"]
+    env = dict(os.environ, RAY_ADDRESS=ray_cluster.address, PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, "-m", "services.cli", "train", "--config", str(out / "config.yaml"), "--resume", str(out)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_same_weights(trainable(out / "checkpoints" / f"step_{STEPS}"), reference["weights"][STEPS])
+    state = json.loads((out / "checkpoints" / f"step_{STEPS}" / "state.json").read_text())
+    assert state["step"] == STEPS and state["version"] == STEPS
+
+
+def test_late_weights_fall_back_to_older_ones_instead_of_waiting(ray_cluster, tmp_path):
+    cfg = config(tmp_path, "runtime.staleness_timeout_s=0.01", "trainer.steps=3")
+    _, rows = run(cfg)
+    assert rows[-1]["runtime/staleness_fallbacks"] >= 1
+    assert max(r["lag/max"] for r in rows) >= 1  # sampled with older weights than max_staleness 0 allows, and recorded
+    assert all(len(r["lag/groups"]) == 2 for r in rows)
