@@ -52,5 +52,5 @@ class RewardScorer:
         stats: dict[str, float] = {}
         for label, (fn, _) in self.rewards.items():
             if hasattr(fn, "pop_stats"):
-                stats.update({f"reward/{label}/{k}": v for k, v in fn.pop_stats().items()})
+                stats.update({f"reward/{label}/remote_{k}": v for k, v in fn.pop_stats().items()})
         return stats

@@ -23,6 +23,7 @@ from drpo_core.features import build_encoder
 from drpo_core.generator import load_generator
 from drpo_core.groups import CandidateGroup, candidate_seed
 from drpo_core.learner import DrpoLearner
+from drpo_core.normalizer import RunningStats
 from drpo_core.prompts import PromptSampler, heldout_prompts, prompt_metadata, training_prompts
 from drpo_core.ranking import SKIP_TOO_FEW_NEGATIVES, SKIP_TOO_FEW_POSITIVES, select_anchors
 from drpo_core.reporting import MetricsWriter, plot_reward_curve, save_grid
@@ -35,8 +36,12 @@ def build_rewards(cfg: DrpoConfig, builder: Callable = build_reward) -> dict[str
     return {r.label: (builder(r), r.weight) for r in cfg.rewards}
 
 
-def group_stats(groups: list[CandidateGroup]) -> dict[str, float]:
-    """Reward statistics over the first-round candidates of each group (NaN = missing, excluded)."""
+def group_stats(groups: list[CandidateGroup], history: dict[str, RunningStats] | None = None) -> dict[str, float]:
+    """Reward statistics over each group's candidates (NaN = missing, excluded).
+
+    Raw means per reward, and — with ``history`` — the same mean in standard deviations of the run so
+    far (``normalized``), which puts rewards of different scales on one dashboard axis.
+    """
     stats: dict[str, float] = {}
     labels = groups[0].rewards.keys() if groups else []
     for label in labels:
@@ -44,6 +49,11 @@ def group_stats(groups: list[CandidateGroup]) -> dict[str, float]:
         valid = raw[~torch.isnan(raw)]
         stats[f"reward/{label}/mean"] = float(valid.mean()) if valid.numel() else float("nan")
         stats[f"reward/{label}/missing"] = float(raw.numel() - valid.numel())
+        if history is not None:
+            running = history.setdefault(label, RunningStats())
+            if valid.numel():
+                stats[f"reward/{label}/normalized"] = running.normalize(stats[f"reward/{label}/mean"])
+            running.update(valid)
     first = next(iter(labels), None)
     if first is not None:
         stats["reward/mean"] = stats[f"reward/{first}/mean"]
@@ -67,6 +77,7 @@ class DrpoTrainer:
         self.learner = DrpoLearner(self.generator, self.encoder, cfg.algo, cfg.trainer)
         self.prompts = PromptSampler(training_prompts(cfg.prompts), cfg.trainer.seed)
         self.metadata = prompt_metadata(cfg.prompts)
+        self.reward_history: dict[str, RunningStats] = {}
         self.step = 0
 
     # -- one step, in the order of the algorithm box --------------------------------------------
@@ -77,7 +88,7 @@ class DrpoTrainer:
                                       metadata=self.metadata.get(prompt))
                   for slot, prompt in enumerate(prompts)]
         self.scorer.score(groups)
-        stats = group_stats(groups)
+        stats = group_stats(groups, self.reward_history)
         if self.cfg.algo.binary_threshold is not None:
             stats["sampler/extra_rounds"] = float(self._extra_rounds(step, groups))
         return groups, stats
@@ -139,12 +150,15 @@ class DrpoTrainer:
     def save_checkpoint(self) -> Path:
         return save_checkpoint(self.output_dir / "checkpoints" / f"step_{self.step}", generator=self.generator,
                                learner=self.learner, step=self.step, sampler_state=self.prompts.state(),
-                               extra={"config": self.cfg.model_dump(mode="json")})  # drpo export rebuilds the pipeline from it
+                               extra={"config": self.cfg.model_dump(mode="json"),  # drpo export rebuilds the pipeline from it
+                                      "reward_history": {k: v.state() for k, v in self.reward_history.items()}})
 
     def resume(self, folder: Path) -> None:
         state = load_checkpoint(folder, generator=self.generator, learner=self.learner)
         self.step = int(state["step"])
         self.prompts.load_state(state["sampler"])
+        for label, running in state.get("reward_history", {}).items():
+            self.reward_history.setdefault(label, RunningStats()).load_state(running)
         self.sampler.version = self.learner.version
 
     def evaluate(self, seeds: int = 16) -> dict:

@@ -15,13 +15,11 @@ from pathlib import Path
 
 import torch
 
-from drpo_core.checkpoint import latest_checkpoint, load_checkpoint
+from drpo_core.checkpoint import latest_checkpoint
 from drpo_core.config import DrpoConfig
-from drpo_core.features import build_encoder
 from drpo_core.generator import load_generator
 from drpo_core.groups import CandidateGroup
-from drpo_core.learner import DrpoLearner
-from drpo_core.prompts import PromptSampler, training_prompts
+from drpo_core.normalizer import RunningStats
 from drpo_core.rewards import build_reward
 from drpo_core.sampler import CandidateSampler
 from drpo_core.scoring import RewardScorer
@@ -51,6 +49,7 @@ class GenerationInfo:
     seconds: float
     sync_seconds: float
     pid: int
+    node: str | None = None  # the Ray node whose object store holds the group
 
 
 @dataclass
@@ -77,6 +76,14 @@ class LearnerRestartedError(RuntimeError):
 
 def _config(cfg_json: str) -> DrpoConfig:
     return DrpoConfig.model_validate_json(cfg_json)
+
+
+def _whereabouts(**extra) -> dict:
+    """What a health ping returns: the process id (a restart changes it) and the Ray node."""
+    import ray
+
+    node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+    return {"pid": os.getpid(), "node": node, **extra}
 
 
 def _pull(handle: WeightsHandle, timeout_s: float) -> dict[str, torch.Tensor]:
@@ -107,17 +114,21 @@ class GeneratorActor:
         sync = self._sync(weights)
         t0 = time.perf_counter()
         group = self.sampler.sample(request.group_id, request.prompt, request.seeds, request.metadata)
-        return group, GenerationInfo(group.group_id, group.version, group.size, time.perf_counter() - t0, sync, os.getpid())
+        return group, self._info(group, time.perf_counter() - t0, sync)
 
     def extend(self, weights: WeightsHandle, group: CandidateGroup, seeds: list[int]) -> tuple[CandidateGroup, GenerationInfo]:
         """Another K-candidate round for a binary reward that found too few passes or fails."""
         sync = self._sync(weights)
         t0 = time.perf_counter()
         group = self.sampler.extend(group, seeds)
-        return group, GenerationInfo(group.group_id, group.version, group.size, time.perf_counter() - t0, sync, os.getpid())
+        return group, self._info(group, time.perf_counter() - t0, sync)
+
+    def _info(self, group: CandidateGroup, seconds: float, sync: float) -> GenerationInfo:
+        where = _whereabouts()
+        return GenerationInfo(group.group_id, group.version, group.size, seconds, sync, where["pid"], where["node"])
 
     def ping(self) -> dict:
-        return {"pid": os.getpid(), "version": self.sampler.version}
+        return _whereabouts(version=self.sampler.version)
 
 
 class RewardActor:
@@ -135,52 +146,38 @@ class RewardActor:
                            time.perf_counter() - t0)
 
     def ping(self) -> dict:
-        return {"pid": os.getpid()}
+        return _whereabouts()
 
 
-class LearnerActor(DrpoTrainer):
-    """Holds the trainable generator, the frozen encoder and DrpoLearner; checkpoints and publishes weights.
+class LearnerActor:
+    """Holds a DrpoTrainer whose learner updates, checkpoints and publishes; its sampler and scorer stay idle.
 
-    It inherits DrpoTrainer's output helpers (sample grids, before/after grid, checkpoints, held-out
-    evaluation), so both runtimes write the same files; sampling and scoring live in the other actors.
-    Built in DrpoTrainer's order under the same seed (identical LoRA init). On construction it restores
-    the newest checkpoint of its run folder (a Ray restart after a crash) or of ``resume``.
+    The trainer is built exactly as in the local runtime (same seed, same order: identical LoRA init),
+    so checkpoints, resume (weights, optimizer, scheduler, RNG, step, prompt position, reward history),
+    sample grids and the held-out eval are the trainer's own code. Only the first reward is built here,
+    for the grids' prompt classes and the eval. On construction it resumes from the newest checkpoint of
+    its run folder (a Ray restart after a crash) or of ``resume``.
     """
 
     def __init__(self, cfg_json: str, output_dir: str, resume: str | None = None):
-        # not DrpoTrainer.__init__: the learner needs no sampler, and builds a reward only for grids/eval
-        self.cfg = cfg = _config(cfg_json)
-        self.output_dir = Path(output_dir)
-        torch.manual_seed(cfg.trainer.seed)
-        self.generator = load_generator(cfg.model, cfg.lora)
-        self.encoder = build_encoder(cfg.features, self.generator.latent_shape[0], self.generator.device, generator=self.generator)
-        self.learner = DrpoLearner(self.generator, self.encoder, cfg.algo, cfg.trainer)
-        self.prompts = PromptSampler(training_prompts(cfg.prompts), cfg.trainer.seed)  # position set by the controller
-        self.step, self._scorer = 0, None
-        self.restored = {"step": 0, "sampler": None, "checkpoint": None}
-        folder = latest_checkpoint(self.output_dir) or (resume and (latest_checkpoint(Path(resume)) or Path(resume)))
-        if folder:
-            state = load_checkpoint(Path(folder), generator=self.generator, learner=self.learner)
-            self.step = int(state["step"])
-            self.restored = {"step": self.step, "sampler": state["sampler"], "checkpoint": str(folder)}
-
-    @property
-    def scorer(self):
-        """The first reward only (sample-grid classes and the held-out eval use it), built on first use."""
-        if self._scorer is None:
-            first = self.cfg.rewards[0]
-            self._scorer = RewardScorer({first.label: (build_reward(first), first.weight)})
-        return self._scorer
+        cfg = _config(cfg_json)
+        first = cfg.rewards[0]
+        self.trainer = DrpoTrainer(cfg, output_dir=Path(output_dir), rewards={first.label: (build_reward(first), first.weight)})
+        self.checkpoint_dir = latest_checkpoint(Path(output_dir)) or (resume and (latest_checkpoint(Path(resume)) or Path(resume)))
+        if self.checkpoint_dir:
+            self.trainer.resume(Path(self.checkpoint_dir))
 
     def restore_point(self) -> dict:
-        """Step, weight version and prompt-sampler position this learner (re)started from."""
-        return dict(self.restored, version=self.learner.version)
+        """What the controller continues from: step, weight version, prompt position, reward history."""
+        t = self.trainer
+        return {"step": t.step, "version": t.learner.version, "sampler": t.prompts.state(), "checkpoint": str(self.checkpoint_dir),
+                "reward_history": {k: v.state() for k, v in t.reward_history.items()}}
 
     def _expect(self, version: int) -> None:
         """A learner that Ray restarted from an older checkpoint must not take calls meant for the old one."""
-        if version != self.learner.version:
-            raise LearnerRestartedError(f"learner is at version {self.learner.version} (restarted from "
-                                        f"{self.restored['checkpoint']}), the controller expected {version}")
+        if version != self.trainer.learner.version:
+            raise LearnerRestartedError(f"learner is at version {self.trainer.learner.version} (restarted from "
+                                        f"{self.checkpoint_dir}), the controller expected {version}")
 
     def update(self, expect_version: int, scores: list[ScoreResult], *groups: CandidateGroup) -> dict[str, float]:
         """One DrPO step on scored groups (Ray resolves the group references before the call)."""
@@ -188,20 +185,38 @@ class LearnerActor(DrpoTrainer):
         t0 = time.perf_counter()
         for g, s in zip(groups, scores, strict=True):
             g.rewards, g.scores = s.rewards, s.scores
-        stats = self.learner.update(list(groups))
-        stats.update({"version": float(self.learner.version), "timing/update_s": time.perf_counter() - t0})
+        stats = self.trainer.learner.update(list(groups))
+        stats.update({"version": float(self.trainer.learner.version), "timing/update_s": time.perf_counter() - t0})
         return stats
 
     def publish_weights(self) -> dict:
         """The trainable state as numpy arrays: the return value is the object-store copy for this version."""
-        return pack_state(self.generator.trainable_state_dict())
+        return pack_state(self.trainer.generator.trainable_state_dict())
 
-    def checkpoint(self, expect_version: int, step: int, sampler_state: dict) -> str:
-        """DrpoTrainer.save_checkpoint at ``step`` with the controller's prompt position."""
+    def checkpoint(self, expect_version: int, step: int, sampler_state: dict, reward_history: dict) -> str:
+        """DrpoTrainer.save_checkpoint with the controller's step, prompt position and reward history."""
         self._expect(expect_version)
-        self.step = step
-        self.prompts.load_state(sampler_state)
-        return str(self.save_checkpoint())
+        t = self.trainer
+        t.step = step
+        t.prompts.load_state(sampler_state)
+        t.reward_history = {k: running_stats(v) for k, v in reward_history.items()}
+        self.checkpoint_dir = t.save_checkpoint()
+        return str(self.checkpoint_dir)
+
+    def save_samples(self, name: str) -> str:
+        return str(self.trainer.save_samples(name))
+
+    def save_before_after(self) -> str:
+        return str(self.trainer.save_before_after())
+
+    def evaluate(self, seeds: int) -> dict:
+        return self.trainer.evaluate(seeds)
 
     def ping(self) -> dict:
-        return {"pid": os.getpid(), "version": self.learner.version}
+        return _whereabouts(version=self.trainer.learner.version)
+
+
+def running_stats(state: dict) -> RunningStats:
+    running = RunningStats()
+    running.load_state(state)
+    return running

@@ -23,13 +23,13 @@ from pathlib import Path
 from typing import Callable
 
 import ray
-from ray.exceptions import RayActorError, RayTaskError
+from ray.exceptions import ObjectLostError, RayActorError, RayTaskError
 
 from drpo_core.config import DrpoConfig, dump_config
 from drpo_core.prompts import PromptSampler, training_prompts
 from drpo_core.reporting import MetricsWriter, plot_reward_curve
 from drpo_core.trainer import group_stats
-from services.actors import LearnerRestartedError
+from services.actors import LearnerRestartedError, running_stats
 from services.pipeline import GroupPipeline, TrackedGroup
 from services.replica_pool import _short
 from services.runtime import RayRuntime
@@ -61,6 +61,7 @@ class Controller:
         self.counters: Counter = Counter()
         self.step = self.next_issue = 0
         self.sampler_states: dict[int, dict] = {}
+        self.reward_history: dict = {}  # running reward stats (reward/<label>/normalized), checkpointed by the learner
 
     # -- the loop (reads like the algorithm box) --------------------------------------------------
     def run(self, on_step: Callable[[dict], None] | None = None, resume: Path | None = None) -> dict:
@@ -100,17 +101,27 @@ class Controller:
         # each group scored and z-scored by the reward pool as soon as it exists
         with timer("timing/wait_groups_s"):
             groups = self.pipeline.wait_step(t, self.cfg.trainer.prompts_per_step)
-        lags = [self.weights.version - g.version for g in groups]
         # DrPO lines 7–14: rank, drift targets, regression, AdamW on the learner; generators sample ahead meanwhile
         with timer("timing/wait_update_s"):
-            update = self.rt.learner.update.remote(self.weights.version, [g.score for g in groups], *[g.group_ref for g in groups])
-            stats = self.wait_learner(update, self.cfg.runtime.update_timeout_s, fallback=True)
+            stats, groups = self.learn(t, groups)
+        lags = [self.weights.version - g.version for g in groups]  # versions between sampling and learning weights
         # plumbing: version t+1 goes to the object store once; generators pull it with their next request
         with timer("timing/publish_s"):
             self.publish(int(stats["version"]))
         self.step += 1
         stats.update(self.step_stats(groups, lags, timer, time.perf_counter() - t0))
         return stats
+
+    def learn(self, t: int, groups: list[TrackedGroup]) -> tuple[dict, list[TrackedGroup]]:
+        """learner.update on the step's groups; groups whose data died with a node are made again first."""
+        while True:
+            update = self.rt.learner.update.remote(self.weights.version, [g.score for g in groups], *[g.group_ref for g in groups])
+            try:
+                return self.wait_learner(update, self.cfg.runtime.update_timeout_s, fallback=True), groups
+            except ObjectLostError as e:  # the update never ran: its arguments were gone
+                log.warning("step %d: group data lost (%s); regenerating its groups", t + 1, _short(e))
+                self.pipeline.regenerate(groups)
+                groups = self.pipeline.wait_step(t, len(groups))
 
     # -- staleness --------------------------------------------------------------------------------
     def issue_ahead(self, past_bound: bool = False) -> bool:
@@ -139,6 +150,8 @@ class Controller:
                 raise LearnerLostError(f"learner call did not return within {timeout_s:g}s")
         try:
             return ray.get(ref, timeout=60)
+        except ObjectLostError:
+            raise
         except RayActorError as e:
             raise LearnerLostError(_short(e)) from None
         except RayTaskError as e:
@@ -155,8 +168,8 @@ class Controller:
         point = self.wait_learner(self.rt.learner.restore_point.remote(), self.cfg.runtime.start_timeout_s)
         self.step = self.next_issue = int(point["step"])
         self.prompts = PromptSampler(training_prompts(self.cfg.prompts), self.cfg.trainer.seed)
-        if point["sampler"]:
-            self.prompts.load_state(point["sampler"])
+        self.prompts.load_state(point["sampler"])
+        self.reward_history = {k: running_stats(v) for k, v in point["reward_history"].items()}
         self.weights.clear()
         self.publish(int(point["version"]))
 
@@ -178,7 +191,8 @@ class Controller:
     def save_checkpoint(self) -> str:
         # the prompt position right after this step's prompts, not after the look-ahead already issued
         state = self.sampler_states.get(self.step - 1, self.prompts.state())
-        ref = self.rt.learner.checkpoint.remote(self.weights.version, self.step, state)
+        history = {k: v.state() for k, v in self.reward_history.items()}
+        ref = self.rt.learner.checkpoint.remote(self.weights.version, self.step, state, history)
         return self.wait_learner(ref, self.cfg.runtime.update_timeout_s)
 
     def save_samples(self, name: str) -> str:
@@ -201,7 +215,7 @@ class Controller:
 
     def step_stats(self, groups: list[TrackedGroup], lags: list[int], timer: StageTimer, step_s: float) -> dict:
         """The trainer's keys (reward stats of first-round candidates, time/*) plus timing, lag and fault counters."""
-        stats = group_stats([g.first_score for g in groups])
+        stats = group_stats([g.first_score for g in groups], self.reward_history)
         if self.cfg.algo.binary_threshold is not None:
             stats["sampler/extra_rounds"] = float(sum(g.round for g in groups))
         for g in groups:
@@ -218,6 +232,7 @@ class Controller:
         stats["runtime/groups_reissued"] = float(sum(p.stats["requeued"] for p in pools.values()))
         stats["runtime/duplicates_dropped"] = float(self.pipeline.counters["duplicates_dropped"]
                                                     + sum(p.stats["duplicates_dropped"] for p in pools.values()))
+        stats["runtime/groups_regenerated"] = float(self.pipeline.counters["regenerated"])
         stats["runtime/missing_groups"] = float(self.pipeline.counters["missing_groups"])
         stats["runtime/staleness_fallbacks"] = float(self.counters["staleness_fallbacks"])
         stats["runtime/learner_restarts"] = float(self.counters["learner_restarts"])

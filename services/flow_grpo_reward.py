@@ -79,7 +79,8 @@ class FlowGrpoReward(HttpReward):
     def _encode(self, batch: Batch) -> bytes:
         from torchvision.io import encode_jpeg
 
-        images = [encode_jpeg(image.contiguous(), quality=self.jpeg_quality).numpy().tobytes() for image in batch.images]
+        images = [encode_jpeg(image.contiguous(), quality=self.jpeg_quality).numpy().tobytes()
+                  for image in batch.images]
         body = {"images": images, "prompts": batch.prompts, "meta_datas": batch.metadata}
         if self.only_strict is not None:
             body["only_strict"] = self.only_strict

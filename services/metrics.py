@@ -42,6 +42,7 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("reward/std", "drpo_reward_std", G, "std of the first reward over the step's candidates"),
     MetricSpec("reward/{reward}/mean", "drpo_reward_model_mean", G, "mean score of one reward model"),
     MetricSpec("reward/{reward}/missing", "drpo_reward_model_missing", G, "candidates without a score (NaN) this step"),
+    MetricSpec("reward/{reward}/normalized", "drpo_reward_model_normalized", G, "step mean in std devs of the run's history"),
     MetricSpec("reward/{reward}/{stat}", "drpo_reward_model_stat", G, "a reward's own counters since the last step"),
     MetricSpec("sampler/extra_rounds", "drpo_sampler_extra_rounds", G, "extra K-candidate rounds for binary rewards"),
     # the update
@@ -74,6 +75,7 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("lag/groups", "drpo_policy_lag_versions", H, "policy lag of every prompt group"),
     # faults (cumulative since the controller started)
     MetricSpec("runtime/groups_reissued", "drpo_runtime_groups_reissued", C, "generate/score requests re-issued after a failure or deadline"),
+    MetricSpec("runtime/groups_regenerated", "drpo_runtime_groups_regenerated", C, "groups made again because their data died with a node"),
     MetricSpec("runtime/duplicates_dropped", "drpo_runtime_duplicates_dropped", C, "late or repeated results dropped"),
     MetricSpec("runtime/missing_groups", "drpo_runtime_missing_groups", C, "groups whose scoring failed every attempt (scores missing)"),
     MetricSpec("runtime/staleness_fallbacks", "drpo_runtime_staleness_fallbacks", C, "steps sampled past max_staleness after the wait timed out"),

@@ -19,6 +19,7 @@ import ray
 
 from drpo_core.config import DrpoConfig
 from drpo_core.groups import candidate_seed
+from drpo_core.prompts import prompt_metadata
 from drpo_core.ranking import SKIP_TOO_FEW_NEGATIVES, SKIP_TOO_FEW_POSITIVES, select_anchors
 from services.actors import GenerationInfo, GroupRequest, ScoreResult
 from services.replica_pool import Completion, ReplicaPool
@@ -35,9 +36,11 @@ class GenerationFailedError(RuntimeError):
 class TrackedGroup:
     request: GroupRequest
     epoch: int
+    incarnation: int = 0  # bumped when the group's data died with a node and it is made again
     round: int = 0
     stage: str = "generate"  # generate | score | ready
     group_ref: Any = None
+    node: str | None = None  # where the group's data lives
     version: int = -1
     first_score: ScoreResult | None = None  # round-0 rewards: the step's reward statistics (as the trainer)
     score: ScoreResult | None = None
@@ -49,6 +52,7 @@ class TrackedGroup:
 class GroupPipeline:
     def __init__(self, cfg: DrpoConfig, generators: ReplicaPool, rewards: ReplicaPool, weights: WeightStore):
         self.cfg, self.generators, self.rewards, self.weights = cfg, generators, rewards, weights
+        self.metadata = prompt_metadata(cfg.prompts)  # per-prompt reward metadata (a .jsonl prompts file)
         self.groups: dict[str, TrackedGroup] = {}
         self.epoch = 0
         self.counters: Counter = Counter()
@@ -58,12 +62,23 @@ class GroupPipeline:
         """One group per prompt, sampled with the newest published weights."""
         K, seed = self.cfg.algo.num_candidates, self.cfg.trainer.seed
         for slot, prompt in enumerate(prompts):
-            req = GroupRequest(f"{step}:{slot}", step, slot, prompt, [candidate_seed(seed, step, slot, i) for i in range(K)])
+            seeds = [candidate_seed(seed, step, slot, i) for i in range(K)]
+            req = GroupRequest(f"{step}:{slot}", step, slot, prompt, seeds, self.metadata.get(prompt))
             tg = self.groups[req.group_id] = TrackedGroup(req, self.epoch)
             self._generate(tg)
 
     def _rid(self, tg: TrackedGroup, stage: str) -> str:
-        return f"{tg.request.group_id}@{tg.epoch}/{stage}{tg.round}"
+        return f"{tg.request.group_id}@{tg.epoch}.{tg.incarnation}/{stage}{tg.round}"
+
+    def regenerate(self, groups: list[TrackedGroup]) -> None:
+        """Make groups again from round 0 (their data died with a node): same seeds, newest weights."""
+        for old in groups:
+            if old.incarnation + 1 >= self.cfg.runtime.max_attempts:
+                raise GenerationFailedError(f"prompt group {old.request.group_id}: its data was lost {old.incarnation + 1} "
+                                            "times (nodes dying faster than it can be made?)")
+            tg = self.groups[old.request.group_id] = TrackedGroup(old.request, self.epoch, old.incarnation + 1)
+            self.counters["regenerated"] += 1
+            self._generate(tg)
 
     def _generate(self, tg: TrackedGroup) -> None:
         if tg.round == 0:
@@ -93,9 +108,9 @@ class GroupPipeline:
 
     def _match(self, c: Completion, stage: str) -> TrackedGroup | None:
         group_id, rest = c.request_id.split("@", 1)
-        epoch, tail = rest.split("/", 1)
+        incarnation, tail = rest.split("/", 1)
         tg = self.groups.get(group_id)
-        if tg is None or tg.epoch != int(epoch) or tg.stage != stage or f"{stage}{tg.round}" != tail:
+        if tg is None or f"{tg.epoch}.{tg.incarnation}" != incarnation or tg.stage != stage or f"{stage}{tg.round}" != tail:
             self.counters["duplicates_dropped"] += 1
             return None
         return tg
@@ -104,10 +119,13 @@ class GroupPipeline:
         tg = self._match(c, "generate")
         if tg is None:
             return
+        if c.lost_data:
+            self.regenerate([tg])
+            return
         if c.error:
             raise GenerationFailedError(f"prompt group {tg.request.group_id} ({tg.request.prompt!r}): {c.error}")
         info: GenerationInfo = c.info
-        tg.group_ref, tg.version = c.data[0], info.version if tg.round == 0 else tg.version
+        tg.group_ref, tg.node, tg.version = c.data[0], info.node, info.version if tg.round == 0 else tg.version
         tg.generate_s, tg.sync_s = tg.generate_s + info.seconds, tg.sync_s + info.sync_seconds
         tg.stage = "score"
         self.rewards.submit(self._rid(tg, "score"), "score", tg.group_ref)
@@ -115,6 +133,9 @@ class GroupPipeline:
     def _on_scored(self, c: Completion) -> None:
         tg = self._match(c, "score")
         if tg is None:
+            return
+        if c.lost_data:  # the generated group died with its node before it was scored
+            self.regenerate([tg])
             return
         if c.error:  # a reward that keeps failing must not stall training: the group's scores are missing
             log.warning("scores of group %s are missing: %s", tg.request.group_id, c.error)

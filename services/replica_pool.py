@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import ray
-from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError, RayError
+from ray.exceptions import ActorUnavailableError, GetTimeoutError, ObjectLostError, RayActorError, RayError
 
 HEALTH_GROUP = {"health": 1}  # ray.remote(concurrency_groups=HEALTH_GROUP) on every pooled actor class
 
@@ -44,6 +44,7 @@ class Replica:
     in_flight: set = field(default_factory=set)
     ping_ref: Any = None
     ping_deadline: float = 0.0
+    node: str | None = None
     last_ok: float = 0.0
     last_error: str = ""
 
@@ -72,12 +73,17 @@ class Call:
 
 @dataclass(frozen=True)
 class Completion:
-    """A finished request: ``info`` is the last return value, ``data`` the other return refs; ``error`` if it gave up."""
+    """A finished request: ``info`` is the last return value, ``data`` the other return refs; ``error`` if it gave up.
+
+    ``lost_data``: an object the call needed or made died with its node; repeating the same call cannot
+    help, the caller has to recreate the data (regenerate the group).
+    """
 
     request_id: str
     info: Any = None
     data: tuple = ()
     error: str | None = None
+    lost_data: bool = False
 
 
 def _short(err: BaseException) -> str:
@@ -163,8 +169,8 @@ class ReplicaPool:
         deadline = time.monotonic() + timeout_s
         for r in self.replicas:
             try:
-                r.pid = ray.get(r.handle.ping.remote(), timeout=max(0.1, deadline - time.monotonic()))["pid"]
-                r.state, r.last_ok = "up", time.monotonic()
+                info = ray.get(r.handle.ping.remote(), timeout=max(0.1, deadline - time.monotonic()))
+                r.pid, r.node, r.state, r.last_ok = info["pid"], info.get("node"), "up", time.monotonic()
             except GetTimeoutError:
                 raise PoolExhaustedError(f"{self.name} replica {r.index} did not start within {timeout_s:g}s "
                                          "(runtime.start_timeout_s); is the cluster short of the resources it asks for?") from None
@@ -222,6 +228,12 @@ class ReplicaPool:
         req.live -= 1
         try:
             info = ray.get(key, timeout=30)
+        except ObjectLostError as e:  # also a task whose argument was lost (RayTaskError(ObjectLostError))
+            if req.done or req.live > 0:
+                return []
+            req.done = True
+            self.stats["lost_data"] += 1
+            return [Completion(req.request_id, error=_short(e), lost_data=True)]
         except (RayActorError, RayError, GetTimeoutError) as e:
             if isinstance(e, RayActorError):
                 self._suspect(call.replica, _short(e))
@@ -289,7 +301,7 @@ class ReplicaPool:
             return
         if r.pid is not None and info["pid"] != r.pid:
             self.stats["restarts"] += 1  # Ray restarted the actor (max_restarts); its state was rebuilt
-        r.pid, r.last_ok = info["pid"], time.monotonic()
+        r.pid, r.node, r.last_ok = info["pid"], info.get("node"), time.monotonic()
         if r.state in ("starting", "suspect"):
             r.state = "up"
 

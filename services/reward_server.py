@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hmac
+import os
 import socket
 import sys
 import time
@@ -47,7 +48,7 @@ class ScoreRequest(BaseModel):
 class ScoreResponse(BaseModel):
     scores: list[float | None] = Field(description="one score per image, in request order; null = no score")
     reward: str = Field(description="name of the reward that produced the scores")
-    version: str | None = Field(None, description="version of that reward (scores of different versions are not comparable)")
+    version: str | None = Field(None, description="version of that reward (scores of two versions are not comparable)")
 
 
 class HealthResponse(BaseModel):
@@ -86,7 +87,8 @@ class BodySizeLimit:
         await self.app(scope, limited_receive, send)
 
     def _message(self, size: int) -> str:
-        return f"request body of {size} bytes exceeds the limit of {self.max_bytes} bytes; lower the client's batch_size"
+        return (f"request body of {size} bytes exceeds the limit of {self.max_bytes} bytes; "
+                "lower the client's batch_size")
 
 
 def validation_message(exc: RequestValidationError) -> str:
@@ -192,17 +194,21 @@ def serve_reward(cfg: RewardConfig, host: str, port: int, token_env: str | None 
 
     ``metrics_port`` (gRPC only; HTTP serves /metrics itself) exports the Prometheus metrics there.
     """
-    from drpo_core.rewards.http import token_from_env
     from services.rewards import build_reward
 
-    token = token_from_env(token_env, "serve-reward") if token_env else None
-    reward_fn = build_reward(cfg)
-    version = getattr(reward_fn, "version", None)
+    token = os.environ.get(token_env) if token_env else None
+    if token_env and not token:
+        raise ValueError(f"--token-env: environment variable {token_env} is not set")
     if metrics_port is not None and not use_grpc:
         raise ValueError("--metrics-port is for --grpc; the HTTP server serves /metrics on its own port")
-    for needed in (port, metrics_port):
+    for needed in (port, metrics_port):  # before building the reward, which may load a large model
         if needed is not None:
             check_port_free(host, needed)
+    if token is None and host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"drpo: warning: serving on {host} without --token-env: anyone who can reach the port can use it",
+              file=sys.stderr, flush=True)
+    reward_fn = build_reward(cfg)
+    version = getattr(reward_fn, "version", None)
     if use_grpc:
         from services.grpc_reward.server import serve_grpc
 
@@ -211,6 +217,6 @@ def serve_reward(cfg: RewardConfig, host: str, port: int, token_env: str | None 
     import uvicorn
 
     app = create_app(reward_fn, name=cfg.label, version=version, token=token, limits=limits)
-    print(f"drpo: serving reward {cfg.label!r} over HTTP at http://{host}:{port}/score "
-          f"(health /healthz, metrics /metrics{', bearer token required' if token else ''})", file=sys.stderr, flush=True)
+    print(f"drpo: serving reward {cfg.label!r} over HTTP at http://{host}:{port}/score (health /healthz, "
+          f"metrics /metrics{', bearer token required' if token else ''})", file=sys.stderr, flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)

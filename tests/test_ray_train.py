@@ -125,35 +125,27 @@ def test_synchronous_run_equals_the_single_process_trainer(ray_cluster, tmp_path
     assert json.loads((out / "eval.json").read_text())["overall"]["n"] > 0
 
 
-def test_killed_replicas_lose_and_double_count_nothing(ray_cluster, tmp_path, reference):
-    cfg = config(tmp_path, "runtime.generator.replicas=2", "runtime.reward.replicas=2")
-    killed_gen, killed_rew = [], []
+def test_killed_replicas_and_learner_lose_and_double_count_nothing(ray_cluster, tmp_path, reference):
+    """A generator and a reward replica are killed while they hold work, the learner after step 2 (before its
+    step-2 checkpoint): lost groups are re-issued, late ones dropped, the learner resumes from step 1."""
+    cfg = config(tmp_path, "runtime.generator.replicas=2", "runtime.reward.replicas=2", "trainer.checkpoint_every=1")
+    killed_gen, killed_rew, runtime = [], [], []
 
     def start_killers(rt):
+        runtime.append(rt)
         kill_when_busy(rt.generators, "generate", 1, killed_gen)
         kill_when_busy(rt.rewards, "score", 2, killed_rew)
 
-    result, rows = run(cfg, on_start=start_killers)
-    assert killed_gen and killed_rew, "the killers never found work in flight"
-    assert [r["update/groups"] for r in rows] == [2.0] * STEPS  # every step learned from exactly its B groups
-    assert rows[-1]["runtime/groups_reissued"] >= 1 and rows[-1]["pool/generator/restarts"] >= 1
-    # re-issued groups are regenerated from the same seeds and weights version: the run is unchanged
-    assert_same_weights(trainable(result["checkpoint"]), reference["weights"][STEPS])
-
-
-def test_dead_learner_restarts_from_its_last_checkpoint(ray_cluster, tmp_path, reference):
-    cfg = config(tmp_path, "trainer.checkpoint_every=1")
-    done = []
-
     def kill_learner_at_step_2(stats):
-        if stats["step"] == 2 and not done:
-            done.append(1)
-            ray.kill(rt_holder[0].learner, no_restart=False)  # dies before step 2 is checkpointed
+        if stats["step"] == 2 and stats["runtime/learner_restarts"] == 0:
+            ray.kill(runtime[0].learner, no_restart=False)  # Ray restarts it; it reloads checkpoints/step_1
 
-    rt_holder = []
-    result, rows = run(cfg, on_start=rt_holder.append, on_step=kill_learner_at_step_2)
-    assert rows[-1]["runtime/learner_restarts"] == 1
-    assert [r["step"] for r in rows] == [1, 2, 2, 3]  # step 2 was redone from the step-1 checkpoint
+    result, rows = run(cfg, on_start=start_killers, on_step=kill_learner_at_step_2)
+    assert killed_gen and killed_rew, "the killers never found work in flight"
+    assert [r["step"] for r in rows] == [1, 2, 2, 3]  # step 2 was redone after the learner restart
+    assert [r["update/groups"] for r in rows] == [2.0] * 4  # every update saw exactly its B groups
+    assert rows[-1]["runtime/learner_restarts"] == 1 and rows[-1]["runtime/groups_reissued"] >= 1
+    # re-issued groups are regenerated from the same seeds and weights version: the run is unchanged
     assert_same_weights(trainable(result["checkpoint"]), reference["weights"][STEPS])
 
 
@@ -182,7 +174,7 @@ def test_cli_resume_on_the_cluster_matches_the_uninterrupted_run(ray_cluster, tm
 
 
 def test_late_weights_fall_back_to_older_ones_instead_of_waiting(ray_cluster, tmp_path):
-    cfg = config(tmp_path, "runtime.staleness_timeout_s=0.01", "trainer.steps=3")
+    cfg = config(tmp_path, "runtime.staleness_timeout_s=0.01", "trainer.steps=2")
     _, rows = run(cfg)
     assert rows[-1]["runtime/staleness_fallbacks"] >= 1
     assert max(r["lag/max"] for r in rows) >= 1  # sampled with older weights than max_staleness 0 allows, and recorded

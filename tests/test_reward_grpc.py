@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from concurrent import futures
+from pathlib import Path
 
 import grpc
 import pytest
@@ -261,3 +262,15 @@ def test_serve_reward_grpc_cli_answers_health_and_stops_on_sigterm():
             proc.kill()
             proc.wait(timeout=10)
     assert f"over gRPC at 127.0.0.1:{port}" in proc.stderr.read()
+
+
+def test_committed_stubs_match_the_proto(tmp_path):
+    """`make protos` output, regenerated into a temporary folder, equals the committed files."""
+    proto = "services/grpc_reward/reward.proto"
+    (tmp_path / "services" / "grpc_reward").mkdir(parents=True)
+    (tmp_path / proto).write_bytes((Path(ROOT) / proto).read_bytes())
+    subprocess.run([sys.executable, "-m", "grpc_tools.protoc", "-I.", "--python_out=.", "--pyi_out=.",
+                    "--grpc_python_out=.", proto], cwd=tmp_path, check=True, timeout=60)
+    for name in ("reward_pb2.py", "reward_pb2.pyi", "reward_pb2_grpc.py"):
+        generated = (tmp_path / "services" / "grpc_reward" / name).read_text()
+        assert generated == (Path(ROOT) / "services" / "grpc_reward" / name).read_text(), f"{name}: run `make protos`"

@@ -6,6 +6,7 @@ import asyncio
 import base64
 import math
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -133,7 +134,8 @@ def test_works_inside_a_ray_actor(hue_server):
     ray = pytest.importorskip("ray")
     started_here = not ray.is_initialized()
     if started_here:
-        ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False,
+        # address="local": always a private cluster, never one that another process left running
+        ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False,
                  runtime_env={"env_vars": {"PYTHONPATH": ROOT, "HF_HUB_OFFLINE": "1"}})
     try:
         @ray.remote
@@ -378,10 +380,16 @@ def test_serve_reward_cli_answers_healthz_and_scores():
     (["--reward", "nonsense"], "reward kind: Input should be"),
     (["--reward", "hue_fraction", "--set", "options.colour=1"], "rewards[hue_fraction].options"),
     (["--reward", "hue_fraction", "--token-env", "DRPO_UNSET_VARIABLE_X"], "DRPO_UNSET_VARIABLE_X is not set"),
+    (["--metrics-port", "9"], "--metrics-port is for --grpc"),
+    (["--port", "BUSY"], "choose another --port"),
 ])
 def test_serve_reward_cli_bad_input_exits_2_with_one_line(args, message):
-    proc = drpo("serve-reward", *args, "--port", str(free_port()))
-    out, err = proc.communicate(timeout=60)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        args = [str(busy.getsockname()[1]) if a == "BUSY" else a for a in args]
+        proc = drpo("serve-reward", *(args if "--port" in args else [*args, "--port", str(free_port())]))
+        out, err = proc.communicate(timeout=60)
     assert proc.returncode == 2, err
     assert len(err.strip().splitlines()) == 1 and message in err and err.startswith("drpo: error:")
 
