@@ -94,11 +94,13 @@ def _short(err: BaseException) -> str:
 class ReplicaPool:
     def __init__(self, name: str, factory: Callable[[int], Any], size: int, *, max_in_flight: int = 2,
                  request_timeout_s: float = 300.0, max_attempts: int = 3, restart_budget: int = 4,
-                 health_interval_s: float = 10.0, health_timeout_s: float = 30.0, start_timeout_s: float = 300.0):
+                 health_interval_s: float = 10.0, health_timeout_s: float = 30.0, start_timeout_s: float = 300.0,
+                 stuck_after_s: float | None = None):
         self.name, self.factory = name, factory
         self.max_in_flight, self.request_timeout_s, self.max_attempts = max_in_flight, request_timeout_s, max_attempts
         self.restart_budget, self.health_interval_s = restart_budget, health_interval_s
         self.health_timeout_s, self.start_timeout_s = health_timeout_s, start_timeout_s
+        self.stuck_after_s = stuck_after_s or 3 * request_timeout_s  # a call this old on a live replica: replace it
         self.replicas: list[Replica] = []
         self.queue: deque[Request] = deque()
         self.calls: dict[Any, Call] = {}
@@ -269,7 +271,7 @@ class ReplicaPool:
                 if req.attempts < self.max_attempts:
                     self.stats["requeued"] += 1
                     self.queue.appendleft(req)
-            elif age > 3 * self.request_timeout_s:  # stuck while still answering pings: replace it
+            elif age > self.stuck_after_s:  # stuck while still answering pings: replace the replica
                 self._replace(call.replica, f"call {req.request_id} stuck for {age:.0f}s")
         return out
 

@@ -20,8 +20,6 @@ import re
 import shlex
 import shutil
 import subprocess
-import threading
-import time
 from pathlib import Path
 
 import httpx
@@ -72,30 +70,40 @@ def configmap_config(tmp_path: Path, key: str = "config.yaml") -> Path:
 # -- KubeRay manifests ------------------------------------------------------------------------------
 def test_every_ray_manifest_passes_the_crd_schema_and_kuberay_rules():
     found = ray_manifests()
-    assert {kind for _, d in found for kind in [d["kind"]]} >= {"RayCluster", "RayJob"}
+    assert {d["kind"] for _, d in found} >= {"RayCluster", "RayJob"}
     for name, doc in found:
         assert doc["apiVersion"] == "ray.io/v1", name
         assert manifest_errors(doc) == [], name
 
 
+def group(doc: dict, i: int) -> dict:
+    return doc["spec"]["workerGroupSpecs"][i]
+
+
+# what → (how the copy is broken, a phrase the error must contain)
 CLUSTER_BREAKS = {
-    "worker group without groupName": (lambda d: d["spec"]["workerGroupSpecs"][0].pop("groupName"), "'groupName' is a required property"),
-    "minReplicas as a string": (lambda d: d["spec"]["workerGroupSpecs"][0].update(minReplicas="1"), "is not of type 'integer'"),
-    "misspelt field": (lambda d: d["spec"]["workerGroupSpecs"][1].update(maxReplica=2), "Additional properties are not allowed"),
-    "containerPort as a string": (lambda d: container(d["spec"]["headGroupSpec"])["ports"][0].update(containerPort="6379"), "is not of type 'integer'"),
-    "min above max": (lambda d: d["spec"]["workerGroupSpecs"][0].update(minReplicas=5), "minReplicas 5 > maxReplicas 4"),
-    "no container": (lambda d: d["spec"]["workerGroupSpecs"][2]["template"]["spec"].update(containers=[]), "at least one container"),
-    "resources twice": (lambda d: d["spec"]["workerGroupSpecs"][0]["rayStartParams"].update({"num-gpus": "1"}), "both rayStartParams and resources"),
-    "duplicate group": (lambda d: d["spec"]["workerGroupSpecs"][1].update(groupName="generator"), "group names must be unique"),
+    "worker group without groupName": (lambda d: group(d, 0).pop("groupName"), "'groupName' is a required property"),
+    "minReplicas as a string": (lambda d: group(d, 0).update(minReplicas="1"), "is not of type 'integer'"),
+    "misspelt field": (lambda d: group(d, 1).update(maxReplica=2), "Additional properties are not allowed"),
+    "containerPort as a string": (lambda d: container(d["spec"]["headGroupSpec"])["ports"][0].update(containerPort="6379"),
+                                  "is not of type 'integer'"),
+    "min above max": (lambda d: group(d, 0).update(minReplicas=5), "minReplicas 5 > maxReplicas 4"),
+    "no container": (lambda d: group(d, 2)["template"]["spec"].update(containers=[]), "at least one container"),
+    "resources twice": (lambda d: group(d, 0)["rayStartParams"].update({"num-gpus": "1"}),
+                        "both rayStartParams and resources"),
+    "duplicate group": (lambda d: group(d, 1).update(groupName="generator"), "group names must be unique"),
     "name not DNS-1035": (lambda d: d["metadata"].update(name="DrPO_cluster"), "not a DNS-1035 label"),
 }
 JOB_BREAKS = {
-    "neither rayClusterSpec nor clusterSelector": (lambda d: d["spec"].pop("rayClusterSpec"), "needs rayClusterSpec or clusterSelector"),
+    "neither rayClusterSpec nor clusterSelector": (lambda d: d["spec"].pop("rayClusterSpec"),
+                                                   "needs rayClusterSpec or clusterSelector"),
     "name of 48 characters": (lambda d: d["metadata"].update(name="d" * 48), "at most 47 characters"),
     "TTL without shutdown": (lambda d: d["spec"].update(shutdownAfterJobFinishes=False), "needs shutdownAfterJobFinishes"),
-    "runtimeEnvYAML not YAML": (lambda d: d["spec"].update(runtimeEnvYAML="env_vars: [unclosed"), "runtimeEnvYAML is not valid YAML"),
+    "runtimeEnvYAML not YAML": (lambda d: d["spec"].update(runtimeEnvYAML="env_vars: [unclosed"),
+                                "runtimeEnvYAML is not valid YAML"),
     "entrypoint as a list": (lambda d: d["spec"].update(entrypoint=["drpo", "train"]), "is not of type 'string'"),
-    "embedded group without template": (lambda d: d["spec"]["rayClusterSpec"]["workerGroupSpecs"][1].pop("template"), "'template' is a required property"),
+    "embedded group without template": (lambda d: d["spec"]["rayClusterSpec"]["workerGroupSpecs"][1].pop("template"),
+                                        "'template' is a required property"),
 }
 
 
@@ -115,19 +123,20 @@ def test_a_broken_ray_job_fails_validation(what):
 
 
 def test_ray_job_embeds_exactly_the_ray_cluster_spec():
-    assert one("ray-job.drpo-train.yaml", "RayJob")["spec"]["rayClusterSpec"] == one("ray-cluster.drpo.yaml", "RayCluster")["spec"]
+    embedded = one("ray-job.drpo-train.yaml", "RayJob")["spec"]["rayClusterSpec"]
+    assert embedded == one("ray-cluster.drpo.yaml", "RayCluster")["spec"]
 
 
 def test_gpu_groups_request_gpus_tolerate_the_gpu_taint_and_each_role_has_its_own_resource():
     spec = one("ray-cluster.drpo.yaml", "RayCluster")["spec"]
     groups = {g["groupName"]: g for g in spec["workerGroupSpecs"]}
     assert set(groups) == {"generator", "learner", "reward"}
-    for name, group in groups.items():
-        limits = container(group)["resources"]["limits"]
-        assert int(limits["nvidia.com/gpu"]) >= 1, name
-        assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in group["template"]["spec"]["tolerations"]
-        assert set(group["resources"]) == {name}, f"{name} must advertise only its own custom resource"
-        assert {"name": "metrics", "containerPort": 8080} in container(group)["ports"]
+    gpu_toleration = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+    for name, g in groups.items():
+        assert int(container(g)["resources"]["limits"]["nvidia.com/gpu"]) >= 1, name
+        assert gpu_toleration in g["template"]["spec"]["tolerations"], name
+        assert set(g["resources"]) == {name}, f"{name} must advertise only its own custom resource"
+        assert {"name": "metrics", "containerPort": 8080} in container(g)["ports"]
     assert "nvidia.com/gpu" not in container(spec["headGroupSpec"])["resources"]["limits"]
 
 
@@ -167,7 +176,8 @@ def test_the_config_resource_plan_fits_the_cluster_pods_and_one_more_replica_doe
     totals = {k: sum(n.get(k, 0.0) for n in nodes) for n in nodes for k in n}
     ResourcePlan.from_config(cfg.runtime).check(totals, nodes)
     assert nodes[0]["CPU"] == 0, "the head runs the controller and no actors"
-    grown = cfg.runtime.model_copy(update={"generator": cfg.runtime.generator.model_copy(update={"replicas": cfg.runtime.generator.replicas + 1})})
+    generator = cfg.runtime.generator
+    grown = cfg.runtime.model_copy(update={"generator": generator.model_copy(update={"replicas": generator.replicas + 1})})
     with pytest.raises(PlacementError, match="generator"):
         ResourcePlan.from_config(grown).check(totals, nodes)
 
@@ -187,7 +197,8 @@ def test_metrics_ports_and_thresholds_agree_across_files(tmp_path):
     jobs = {j["job_name"]: j for j in prometheus["scrape_configs"]}
     assert jobs["drpo-controller"]["static_configs"][0]["targets"] == [f"ray-head:{cfg.runtime.metrics_port}"]
     rules = {r.get("alert"): r for g in yaml.safe_load((PROM / "rules.yml").read_text())["groups"] for r in g["rules"]}
-    lag_threshold = re.fullmatch(r"min_over_time\(drpo_lag_max\[\w+\]\) > (\d+)", rules["DrpoPolicyLagAboveMaxStaleness"]["expr"])
+    lag_rule = rules["DrpoPolicyLagAboveMaxStaleness"]["expr"]
+    lag_threshold = re.fullmatch(r"min_over_time\(drpo_lag_max\[\w+\]\) > (\d+)", lag_rule)
     assert lag_threshold and int(lag_threshold.group(1)) == cfg.runtime.max_staleness
     ttl = one("ray-job.drpo-train.yaml", "RayJob")["spec"]["ttlSecondsAfterFinished"]
     assert int(rules["DrpoTrainingMetricsAbsent"]["for"].rstrip("m")) * 60 > ttl
@@ -223,7 +234,8 @@ def test_reward_server_manifest_serves_a_valid_reward_with_token_probes_and_serv
 
 # -- image and compose ------------------------------------------------------------------------------
 def test_dockerfile_installs_pinned_torch_first_then_requirements_then_the_project():
-    lines = [l.strip() for l in (ROOT / "deploy" / "docker" / "Dockerfile").read_text().splitlines() if l.strip() and not l.startswith("#")]
+    text = (ROOT / "deploy" / "docker" / "Dockerfile").read_text()
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
     runs = [i for i, l in enumerate(lines) if l.startswith("RUN pip install")]
     torch_pins = re.findall(r"(torch(?:vision)?==[\d.]+)", (ROOT / "Makefile").read_text())
     assert lines[runs[0]] == f"RUN pip install {' '.join(torch_pins)}"
@@ -243,16 +255,24 @@ def test_compose_stack_mounts_existing_files_and_matches_the_prometheus_targets(
     compose = yaml.safe_load((ROOT / "deploy" / "docker-compose.yml").read_text())
     services = compose["services"]
     assert set(services) == {"ray-head", "reward-server", "prometheus", "grafana"}
-    assert (ROOT / services["ray-head"]["build"]["context"].replace("..", ".") / services["ray-head"]["build"]["dockerfile"]).is_file()
+    build = services["ray-head"]["build"]
+    assert (ROOT / "deploy" / build["context"]).resolve() == ROOT and (ROOT / build["dockerfile"]).is_file()
     for svc in services.values():
         for volume in svc.get("volumes", []):
             source = volume.split(":")[0]
             if source.startswith("."):
                 assert (ROOT / "deploy" / source).exists(), source
     prometheus = yaml.safe_load((PROM / "prometheus.yml").read_text())
-    hosts = {t.split(":")[0] for j in prometheus["scrape_configs"] for s in j.get("static_configs", []) for t in s["targets"]}
+    statics = [s for job in prometheus["scrape_configs"] for s in job.get("static_configs", [])]
+    hosts = {target.split(":")[0] for s in statics for target in s["targets"]}
     assert hosts <= set(services)
     assert "--metrics-export-port=8080" in services["ray-head"]["command"]
+    provisioning = GRAFANA / "provisioning"
+    (source,) = yaml.safe_load((provisioning / "datasources" / "prometheus.yml").read_text())["datasources"]
+    assert httpx.URL(source["url"]).host == "prometheus" and source["type"] == "prometheus"
+    (provider,) = yaml.safe_load((provisioning / "dashboards" / "drpo.yml").read_text())["providers"]
+    mounts = dict(v.split(":")[:2] for v in services["grafana"]["volumes"])
+    assert mounts["./grafana/drpo_training.json"] == f"{provider['options']['path']}/{DASHBOARD.name}"
 
 
 # -- dashboard and rules: names and structure ---------------------------------------------------------
@@ -274,9 +294,10 @@ def known_metric_names() -> set[str]:
 
 def ray_dashboard_metric_names() -> set[str]:
     """Metric names Ray's own Grafana panels query (from the installed ray package)."""
-    import ray.dashboard.modules.metrics.dashboards as boards
+    import importlib.util
 
-    text = "".join(p.read_text() for p in Path(boards.__file__).parent.glob("*_panels.py"))
+    boards = Path(importlib.util.find_spec("ray").origin).parent / "dashboard" / "modules" / "metrics" / "dashboards"
+    text = "".join(p.read_text() for p in boards.glob("*_panels.py"))
     return set(re.findall(r"\b(ray_[a-z0-9_]+)\{", text))
 
 
@@ -339,10 +360,12 @@ def prometheus_tool(name: str) -> str:
 
 def test_promtool_checks_the_config_and_the_rules():
     promtool = prometheus_tool("promtool")
-    config = subprocess.run([promtool, "check", "config", str(PROM / "prometheus.yml")], capture_output=True, text=True, timeout=60)
+    config = subprocess.run([promtool, "check", "config", str(PROM / "prometheus.yml")],
+                            capture_output=True, text=True, timeout=60)
     assert config.returncode == 0, config.stdout + config.stderr
     rules = subprocess.run([promtool, "check", "rules", str(PROM / "rules.yml")], capture_output=True, text=True, timeout=60)
-    assert rules.returncode == 0 and f"SUCCESS: {len(rule_expressions())} rules found" in rules.stdout, rules.stdout + rules.stderr
+    assert rules.returncode == 0, rules.stdout + rules.stderr
+    assert f"SUCCESS: {len(rule_expressions())} rules found" in rules.stdout
 
 
 def test_every_alert_fires_on_its_condition_and_stays_quiet_otherwise(tmp_path):
@@ -350,7 +373,8 @@ def test_every_alert_fires_on_its_condition_and_stays_quiet_otherwise(tmp_path):
     alerts = {name for name, _ in rule_expressions() if ":" not in name}
     assert {c["alert"] for c in ALERT_CASES} == alerts, "every alert needs a case"
     rules_file, tests_file = promtool_tests(PROM / "rules.yml", tmp_path)
-    result = subprocess.run([promtool, "test", "rules", str(tests_file)], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    result = subprocess.run([promtool, "test", "rules", str(tests_file)],
+                            capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     assert "SUCCESS" in result.stdout
 
@@ -368,7 +392,10 @@ def live(tmp_path_factory):
 
 def substitute(expr: str) -> str:
     """Grafana's variables as an "All" selection would expand them."""
-    return expr.replace("$__rate_interval", "20s").replace("$controller", ".*").replace("$reward_server", ".*").replace("$ray_cluster", ".*")
+    expansions = {"$__rate_interval": "20s", "$controller": ".*", "$reward_server": ".*", "$ray_cluster": ".*"}
+    for variable, value in expansions.items():
+        expr = expr.replace(variable, value)
+    return expr
 
 
 def test_every_dashboard_query_returns_series_from_a_real_prometheus(live):
@@ -394,6 +421,7 @@ def test_every_rule_expression_evaluates_and_the_rule_manager_reports_no_error(l
 
 
 def test_exported_values_arrive_with_their_labels(live):
+    assert live.feed_error is None, live.feed_error
     labelled = {(s["metric"].get("reward"), s["metric"].get("stat")) for s in live.query("drpo_reward_model_stat")}
     assert ("hue_fraction", "requests") in labelled and ("bad_token", "errors") in labelled
     features = {s["metric"]["feature"] for s in live.query("drpo_drift_pref_norm")}

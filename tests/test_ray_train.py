@@ -26,6 +26,7 @@ from drpo_core.trainer import DrpoTrainer
 ray = pytest.importorskip("ray")
 
 from services.controller import Controller  # noqa: E402
+from services.metrics import MetricsExporter, spec_for  # noqa: E402
 from services.runtime import RayRuntime  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,12 +41,12 @@ def config(tmp_path, *overrides, name="run"):
     return load_config([], [*FAST, f"trainer.steps={STEPS}", f"output.dir={tmp_path / name}", *overrides])
 
 
-def run(cfg, resume=None, on_start=None, on_step=None) -> tuple[dict, list[dict]]:
+def run(cfg, resume=None, on_start=None, on_step=None, exporter=None) -> tuple[dict, list[dict]]:
     rt = RayRuntime.start(cfg, Path(cfg.output.dir), resume=resume)
     try:
         if on_start:
             on_start(rt)
-        result = Controller(cfg, rt).run(on_step=on_step, resume=resume)
+        result = Controller(cfg, rt, exporter=exporter).run(on_step=on_step, resume=resume)
     finally:
         rt.shutdown()
     return result, read_metrics(Path(cfg.output.dir) / "metrics.jsonl")
@@ -106,22 +107,44 @@ def kill_when_busy(pool, method: str, min_step: int, killed: list) -> threading.
     return thread
 
 
-def test_synchronous_run_equals_the_single_process_trainer(ray_cluster, tmp_path, reference):
-    cfg = config(tmp_path, "runtime.placement=PACK")  # also: every replica inside one placement group
-    result, rows = run(cfg)
-    for step in range(STEPS):  # the first step alone already pins the whole pipeline; all of them must match
-        assert rows[step]["step"] == step + 1 and rows[step]["lag/groups"] == [0, 0]
-        for key in ("reward/mean", "loss", "loss/pref", "update/grad_norm"):
-            assert rows[step][key] == pytest.approx(reference["stats"][step][key], rel=1e-4, abs=1e-6), key
-    assert_same_weights(trainable(result["checkpoint"]), reference["weights"][STEPS])
-    assert set(reference["stats"][0]) <= set(rows[0])  # the trainer's keys, plus timing/lag/runtime
-    for key in ("timing/generate_s", "timing/score_s", "timing/update_s", "timing/publish_s", "lag/mean", "runtime/groups_reissued"):
-        assert key in rows[0], key
-    out = Path(cfg.output.dir)
-    for f in ("config.yaml", "plots/reward_curve.png", "samples/step_0.png", f"samples/step_{STEPS}.png",
-              "samples/before_after.png", "eval.json", f"checkpoints/step_{STEPS}/pytorch_lora_weights.safetensors"):
-        assert (out / f).is_file(), f
+def test_synchronous_steps_equal_the_trainer_and_a_killed_job_resumes_through_the_cli(ray_cluster, tmp_path, reference):
+    """max_staleness 0: every step equals DrpoTrainer.train_step. The job dies after step 2 (newest checkpoint:
+    step 1); `drpo train --resume` (Ray, joining the cluster via RAY_ADDRESS) finishes with the same weights."""
+    cfg = config(tmp_path, "runtime.placement=PACK", "trainer.checkpoint_every=1")  # PACK: one placement group
+    out, exporter = Path(cfg.output.dir), MetricsExporter()
+
+    class JobKilled(Exception):
+        pass
+
+    def die_at_step_2(stats):
+        if stats["step"] == 2:
+            raise JobKilled  # before the step-2 checkpoint; run() tears every actor down
+
+    with pytest.raises(JobKilled):
+        run(cfg, on_step=die_at_step_2, exporter=exporter)
+    rows = read_metrics(out / "metrics.jsonl")
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_1"]
+    assert set(reference["stats"][0]) <= set(rows[0])  # the trainer's keys, plus timing/lag/runtime/pool
+    assert all(spec_for(k) for k in rows[0]), [k for k in rows[0] if not spec_for(k)]  # each has a Prometheus metric
+    assert exporter.registry.get_sample_value("drpo_reward_mean") == pytest.approx(rows[1]["reward/mean"])
     assert grid_pixels(out / "samples" / "step_0.png").sub(grid_pixels(reference["grid"])).abs().max() <= 1
+
+    env = dict(os.environ, RAY_ADDRESS=ray_cluster.address, PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, "-m", "services.cli", "train", "--config", str(out / "config.yaml"), "--resume", str(out)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 2, 3]  # step 2 again after resuming from step 1
+    for row, want in zip(rows[:2] + rows[3:] + rows[2:3], reference["stats"] + reference["stats"][1:2]):
+        assert row["lag/groups"] == [0, 0]
+        for key in ("reward/mean", "loss", "loss/pref", "update/grad_norm", "update/lr"):
+            assert row[key] == pytest.approx(want[key], rel=1e-5, abs=1e-7), key
+    assert_same_weights(trainable(out / "checkpoints" / f"step_{STEPS}"), reference["weights"][STEPS])
+    state = json.loads((out / "checkpoints" / f"step_{STEPS}" / "state.json").read_text())
+    assert state["step"] == STEPS and state["version"] == STEPS and state["reward_history"]
+    for f in ("config.yaml", "plots/reward_curve.png", f"samples/step_{STEPS}.png", "samples/before_after.png", "eval.json",
+              f"checkpoints/step_{STEPS}/pytorch_lora_weights.safetensors"):
+        assert (out / f).is_file(), f
     assert json.loads((out / "eval.json").read_text())["overall"]["n"] > 0
 
 
@@ -147,35 +170,3 @@ def test_killed_replicas_and_learner_lose_and_double_count_nothing(ray_cluster, 
     assert rows[-1]["runtime/learner_restarts"] == 1 and rows[-1]["runtime/groups_reissued"] >= 1
     # re-issued groups are regenerated from the same seeds and weights version: the run is unchanged
     assert_same_weights(trainable(result["checkpoint"]), reference["weights"][STEPS])
-
-
-def test_cli_resume_on_the_cluster_matches_the_uninterrupted_run(ray_cluster, tmp_path, reference):
-    """`drpo train` (Ray, joining the cluster through RAY_ADDRESS) killed after a checkpoint, then --resume."""
-    cfg = config(tmp_path, "trainer.checkpoint_every=1")
-
-    class JobKilled(Exception):
-        pass
-
-    def die_at_step_2(stats):
-        if stats["step"] == 2:
-            raise JobKilled  # before the step-2 checkpoint: the newest is step 1
-
-    with pytest.raises(JobKilled):
-        run(cfg, on_step=die_at_step_2)
-    out = Path(cfg.output.dir)
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_1"]
-    env = dict(os.environ, RAY_ADDRESS=ray_cluster.address, PYTHONPATH=str(ROOT))
-    proc = subprocess.run([sys.executable, "-m", "services.cli", "train", "--config", str(out / "config.yaml"), "--resume", str(out)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert_same_weights(trainable(out / "checkpoints" / f"step_{STEPS}"), reference["weights"][STEPS])
-    state = json.loads((out / "checkpoints" / f"step_{STEPS}" / "state.json").read_text())
-    assert state["step"] == STEPS and state["version"] == STEPS
-
-
-def test_late_weights_fall_back_to_older_ones_instead_of_waiting(ray_cluster, tmp_path):
-    cfg = config(tmp_path, "runtime.staleness_timeout_s=0.01", "trainer.steps=2")
-    _, rows = run(cfg)
-    assert rows[-1]["runtime/staleness_fallbacks"] >= 1
-    assert max(r["lag/max"] for r in rows) >= 1  # sampled with older weights than max_staleness 0 allows, and recorded
-    assert all(len(r["lag/groups"]) == 2 for r in rows)
