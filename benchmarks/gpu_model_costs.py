@@ -7,8 +7,8 @@
 Nothing is downloaded: each pipeline is built from the configs written below (the published
 architectures of stabilityai/sd-turbo and stabilityai/sdxl-turbo), random-initialised, saved to a temp
 folder and loaded back through ``load_generator`` (the real loading path). Reported per image, the best
-of ``--repeats`` timed runs after one warm-up (the minimum: on a shared machine the others measure the
-neighbours):
+of ``--repeats`` timed runs after one warm-up. On CUDA that is wall time (synchronised); on CPU it is the
+process's CPU time with one torch thread, which other processes on a shared machine cannot inflate:
 
     generate        generate() of K candidates (UNet step + VAE decode), LoRA unmerged
     generate_merged the same with the LoRA merged (a sampling-only generator after loading weights)
@@ -112,18 +112,19 @@ def check_configs() -> None:
 
 
 def timed(fn, repeats: int, cuda: bool) -> tuple[float, float]:
-    """(best seconds, peak GPU GiB) of ``fn`` after one warm-up call."""
+    """(best seconds, peak GPU GiB) of ``fn`` after one warm-up call; CPU time off CUDA (see the docstring)."""
+    clock = time.perf_counter if cuda else time.process_time
     fn()
     times = []
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0 = clock()
         fn()
         if cuda:
             torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
+        times.append(clock() - t0)
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
     return min(times), peak
 
@@ -199,6 +200,8 @@ def main() -> None:
     args.candidates = args.candidates or (24 if args.device == "cuda" else 8)
     args.resolution = args.resolution or (512 if args.size == "real" else 32)
     torch.manual_seed(0)
+    if args.device == "cpu":
+        torch.set_num_threads(1)  # CPU time of one thread: no spin-waiting, no neighbours in the number
     report: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
         from drpo_core.tiny_models import tiny_pixel_encoder_path
@@ -216,7 +219,7 @@ def main() -> None:
             report[kind] = measure(kind, path, args, pixel)
             if args.device == "cuda":
                 torch.cuda.empty_cache()
-    device = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({os.cpu_count()} cores)"
+    device = torch.cuda.get_device_name() if args.device == "cuda" else "CPU, 1 thread, CPU time"
     print(f"\n{args.size} models, {device}, K={args.candidates}, {args.resolution} px, best of {args.repeats}")
     print("| model | " + " | ".join(next(iter(report.values()))) + " |")
     print("|---|" + "---|" * len(next(iter(report.values()))))

@@ -31,7 +31,7 @@ from drpo_core.reporting import MetricsWriter, plot_reward_curve
 from drpo_core.trainer import group_stats
 from services.actors import LearnerRestartedError, running_stats
 from services.pipeline import GroupPipeline, TrackedGroup
-from services.replica_pool import _short
+from services.replica_pool import short_error
 from services.runtime import RayRuntime
 from services.weights import WeightStore
 
@@ -119,7 +119,7 @@ class Controller:
             try:
                 return self.wait_learner(update, self.cfg.runtime.update_timeout_s, fallback=True), groups
             except ObjectLostError as e:  # the update never ran: its arguments were gone
-                log.warning("step %d: group data lost (%s); regenerating its groups", t + 1, _short(e))
+                log.warning("step %d: group data lost (%s); regenerating its groups", t + 1, short_error(e))
                 self.pipeline.regenerate(groups)
                 groups = self.pipeline.wait_step(t, len(groups))
 
@@ -153,7 +153,7 @@ class Controller:
         except ObjectLostError:
             raise
         except RayActorError as e:
-            raise LearnerLostError(_short(e)) from None
+            raise LearnerLostError(short_error(e)) from None
         except RayTaskError as e:
             if isinstance(e.cause, LearnerRestartedError):
                 raise LearnerLostError(str(e.cause)) from None

@@ -86,7 +86,8 @@ class Completion:
     lost_data: bool = False
 
 
-def _short(err: BaseException) -> str:
+def short_error(err: BaseException) -> str:
+    """Exception class and its last message line, for one-line logs and errors."""
     lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
     return f"{type(err).__name__}: {lines[-1] if lines else ''}"[:300]
 
@@ -177,7 +178,7 @@ class ReplicaPool:
                 raise PoolExhaustedError(f"{self.name} replica {r.index} did not start within {timeout_s:g}s "
                                          "(runtime.start_timeout_s); is the cluster short of the resources it asks for?") from None
             except RayError as e:
-                raise PoolExhaustedError(f"{self.name} replica {r.index} failed to start: {_short(e)}") from None
+                raise PoolExhaustedError(f"{self.name} replica {r.index} failed to start: {short_error(e)}") from None
         self._dispatch()
 
     def shutdown(self) -> None:
@@ -235,11 +236,11 @@ class ReplicaPool:
                 return []
             req.done = True
             self.stats["lost_data"] += 1
-            return [Completion(req.request_id, error=_short(e), lost_data=True)]
+            return [Completion(req.request_id, error=short_error(e), lost_data=True)]
         except (RayActorError, RayError, GetTimeoutError) as e:
             if isinstance(e, RayActorError):
-                self._suspect(call.replica, _short(e))
-            return self._retry(req, _short(e))
+                self._suspect(call.replica, short_error(e))
+            return self._retry(req, short_error(e))
         if req.done:
             self.stats["duplicates_dropped"] += 1
             return []
@@ -296,10 +297,10 @@ class ReplicaPool:
         try:
             info = ray.get(ref, timeout=30)
         except ActorUnavailableError as e:  # restarting: ping again next round, until the deadline logic gives up
-            r.last_error, r.state = _short(e), "suspect"
+            r.last_error, r.state = short_error(e), "suspect"
             return
         except (RayError, GetTimeoutError) as e:
-            self._replace(r, _short(e))
+            self._replace(r, short_error(e))
             return
         if r.pid is not None and info["pid"] != r.pid:
             self.stats["restarts"] += 1  # Ray restarted the actor (max_restarts); its state was rebuilt

@@ -18,7 +18,7 @@ from ray.exceptions import GetTimeoutError, RayError
 
 from drpo_core.config import DrpoConfig
 from services.actors import GeneratorActor, LearnerActor, RewardActor
-from services.replica_pool import HEALTH_GROUP, PoolExhaustedError, ReplicaPool, _short
+from services.replica_pool import HEALTH_GROUP, PoolExhaustedError, ReplicaPool, short_error
 from services.roles import ResourcePlan, Role, cluster_view
 
 # Variables every actor needs to see like the driver does (offline hub, model cache, tokenizer threads).
@@ -115,7 +115,7 @@ class RayRuntime:
         except GetTimeoutError:
             raise LearnerStartError(f"the learner did not start within {timeout_s:g}s (runtime.start_timeout_s)") from None
         except RayError as e:
-            raise LearnerStartError(f"the learner failed to start: {_short(e)}") from None
+            raise LearnerStartError(f"the learner failed to start: {short_error(e)}") from None
 
     def replace_learner(self) -> None:
         """After the learner died for good (Ray restarts spent): a new one resumes from the last checkpoint."""

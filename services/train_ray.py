@@ -47,9 +47,10 @@ def run_ray(cfg, resume: Path | None, fail: Callable[[str], None]) -> dict:
             runtime = RayRuntime.start(cfg, out, resume=resume)
         except (PlacementError, PoolExhaustedError, LearnerStartError) as e:
             fail(str(e))
-        rt = cfg.runtime
-        console.print(f"ray: {rt.generator.replicas} generator, {rt.reward.replicas} reward, 1 learner; "
-                      f"max_staleness {rt.max_staleness}; cluster {dict(ray.cluster_resources())}")
+        rt, have = cfg.runtime, ray.cluster_resources()
+        console.print(f"ray: {rt.generator.replicas} generator, {rt.reward.replicas} reward, 1 learner replica(s); "
+                      f"max_staleness {rt.max_staleness}; cluster {have.get('CPU', 0):g} CPU, {have.get('GPU', 0):g} GPU, "
+                      f"{len([n for n in ray.nodes() if n.get('Alive')])} node(s)")
         progress = Progress(TextColumn("[bold]DrPO·ray"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
                             TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False)
         controller = Controller(cfg, runtime, out, exporter)
@@ -65,7 +66,7 @@ def run_ray(cfg, resume: Path | None, fail: Callable[[str], None]) -> dict:
                 result = controller.run(on_step=on_step, resume=resume)
             except CheckpointError as e:
                 fail(str(e))
-        console.print(f"[green]done[/] {controller.step} steps → {out}")
+        console.print(f"[green]done[/] {controller.step} steps → {out.resolve()}")
         for key in ("reward_curve", "samples", "checkpoint", "metrics"):
             console.print(f"  {key:13s} {result[key]}")
         return result
