@@ -73,6 +73,7 @@ def save_checkpoint(folder: Path, *, generator, learner, step: int, sampler_stat
         "version": learner_state["version"],
         "sampler": sampler_state,
         "scheduler": learner_state["scheduler"],
+        "scaler": learner_state.get("scaler") or None,
         "optimizer": opt_meta,
         "base_model": model_identity(generator),
         "model": generator.cfg.model_dump(mode="json"),
@@ -129,7 +130,7 @@ def load_checkpoint(folder: Path, *, generator, learner) -> dict:
         raise CheckpointError(f"checkpoint {folder} does not fit this model: {str(e).splitlines()[0]}") from None
     tensors = load_file(str(folder / "optimizer.safetensors"))
     learner.load_state({"optimizer": _unflatten_optimizer(tensors, state["optimizer"]),
-                        "scheduler": state["scheduler"], "version": state["version"]})
+                        "scheduler": state["scheduler"], "version": state["version"], "scaler": state.get("scaler")})
     torch.set_rng_state(tensors["rng.torch_cpu"])
     cuda_states = [tensors[k] for k in sorted((k for k in tensors if k.startswith("rng.cuda")), key=lambda k: int(k[8:]))]
     if cuda_states and torch.cuda.is_available() and len(cuda_states) == torch.cuda.device_count():

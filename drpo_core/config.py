@@ -179,6 +179,7 @@ class AlgoConfig(Section):
 class TrainerConfig(Section):
     steps: int = Field(300, ge=0, description="optimizer steps")
     prompts_per_step: int = Field(2, gt=0)
+    micro_batch_prompts: int = Field(0, ge=0, description="prompts per forward/backward chunk (gradient accumulation); 0 = all")
     lr: float = Field(3e-3, gt=0)
     weight_decay: float = Field(1e-2, ge=0)
     betas: tuple[float, float] = (0.9, 0.999)

@@ -43,6 +43,9 @@ class DrpoLearner:
                                            weight_decay=trainer.weight_decay)
         warmup = trainer.warmup_steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+        # fp16 autocast needs loss scaling against gradient underflow; a no-op otherwise
+        fp16 = generator.device.type == "cuda" and trainer.mixed_precision == "fp16"
+        self.scaler = torch.amp.GradScaler("cuda", enabled=fp16)
         self.version = 0  # number of optimizer updates applied
 
     def update(self, groups: list[CandidateGroup]) -> dict[str, float]:
@@ -62,6 +65,37 @@ class DrpoLearner:
         if not kept:
             return stats
 
+        # DrPO lines 8–14 in micro-batches of prompts: the loss is a mean over prompts, so accumulating
+        # each chunk's share of the gradient is exact and bounds activation memory
+        self.optimizer.zero_grad(set_to_none=True)
+        chunk = self.trainer_cfg.micro_batch_prompts or len(kept)
+        total, sums = 0.0, {}
+        for start in range(0, len(kept), chunk):
+            loss, part_stats = self._chunk_loss(kept[start:start + chunk], anchors[start:start + chunk])
+            loss = loss / len(kept)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite DrPO loss {float(loss.detach())} at version {self.version}")
+            self.scaler.scale(loss).backward()  # the reward is never differentiated
+            total += float(loss.detach())
+            for k, v in part_stats.items():
+                sums[k] = sums.get(k, 0.0) + v / len(kept)
+
+        # clip, AdamW
+        self.scaler.unscale_(self.optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.generator.trainable_parameters(), self.trainer_cfg.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.version += 1
+        stats.update(sums)
+        stats.update({"loss": total, "update/applied": 1.0, "update/grad_norm": float(grad_norm),
+                      "update/lr": self.scheduler.get_last_lr()[0],
+                      "update/policy_lag": float(sum(self.version - 1 - g.version for g in kept)) / len(kept)})
+        return stats
+
+    def _chunk_loss(self, kept: list[CandidateGroup], anchors: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, dict[str, float]]:
+        """Σ over the chunk's prompts of the per-prompt DrPO loss, and Σ of their stats."""
+        K, M = self.algo.num_candidates, self.algo.num_anchors
         gen = self.generator
         device = gen.device
         with autocast_context(device, self.trainer_cfg.mixed_precision):
@@ -85,30 +119,19 @@ class DrpoLearner:
             a = {k: v[b * 2 * M:(b + 1) * 2 * M].float() for k, v in anchor_feats.items()}
             ref = {k: v[group].float() for k, v in ref_feats.items()} if use_ref else None
             loss, s = drpo_group_loss(mine, _select(a, slice(0, M)), _select(a, slice(M, 2 * M)), ref, self.algo)
-            total = total + loss / len(kept)
+            total = total + loss
             for k, v in s.items():
-                sums[k] = sums.get(k, 0.0) + v / len(kept)
-        if not torch.isfinite(total):
-            raise FloatingPointError(f"non-finite DrPO loss {float(total)} at version {self.version}")
-
-        # DrPO line 14: backprop (the reward is never differentiated), clip, AdamW
-        self.optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.generator.trainable_parameters(), self.trainer_cfg.grad_clip)
-        self.optimizer.step()
-        self.scheduler.step()
-        self.version += 1
-        stats.update(sums)
-        stats.update({"loss": float(total.detach()), "update/applied": 1.0, "update/grad_norm": float(grad_norm),
-                      "update/lr": self.scheduler.get_last_lr()[0],
-                      "update/policy_lag": float(sum(self.version - 1 - g.version for g in kept)) / len(kept)})
-        return stats
+                sums[k] = sums.get(k, 0.0) + v
+        return total, sums
 
     # -- state ------------------------------------------------------------------------------------
     def state(self) -> dict:
-        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(), "version": self.version}
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(), "version": self.version,
+                "scaler": self.scaler.state_dict()}
 
     def load_state(self, state: dict) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.version = int(state["version"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])

@@ -170,10 +170,10 @@ class DrpoTrainer:
         """The whole job: resume if asked, train ``trainer.steps`` steps, write every output."""
         out, tc = self.output_dir, self.cfg.trainer
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(dump_config(self.cfg))
-        if resume is not None:
+        if resume is not None:  # restore first: a checkpoint that does not fit must leave the run folder untouched
             self.resume(latest_checkpoint(resume) or Path(resume))  # a run folder or one checkpoint folder
-        else:
+        (out / "config.yaml").write_text(dump_config(self.cfg))
+        if resume is None:
             self.save_samples("step_0")
         metrics = MetricsWriter(out / "metrics.jsonl")
         try:
