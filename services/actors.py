@@ -189,9 +189,10 @@ class LearnerActor:
         stats.update({"version": float(self.trainer.learner.version), "timing/update_s": time.perf_counter() - t0})
         return stats
 
-    def publish_weights(self) -> dict:
-        """The trainable state as numpy arrays: the return value is the object-store copy for this version."""
-        return pack_state(self.trainer.generator.trainable_state_dict())
+    def publish_weights(self) -> tuple[dict, int]:
+        """The trainable state as numpy arrays (called with num_returns=2: the first return is the one
+        object-store copy of this version, the second its version number for the driver)."""
+        return pack_state(self.trainer.generator.trainable_state_dict()), self.trainer.learner.version
 
     def checkpoint(self, expect_version: int, step: int, sampler_state: dict, reward_history: dict) -> str:
         """DrpoTrainer.save_checkpoint with the controller's step, prompt position and reward history."""

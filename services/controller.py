@@ -42,6 +42,10 @@ class LearnerLostError(RuntimeError):
     """The learner died or hung; the controller rolls back to its last checkpoint."""
 
 
+class LearnerHungError(LearnerLostError):
+    """A learner call ran past its timeout: the actor is replaced, not waited for."""
+
+
 class StageTimer(dict):
     @contextmanager
     def __call__(self, key: str):
@@ -86,9 +90,9 @@ class Controller:
                     if self.step % tc.checkpoint_every == 0 or self.step == tc.steps:
                         self.save_checkpoint()
                 except LearnerLostError as e:  # plumbing: back to the last checkpoint, as a resumed job would
-                    self.recover_learner(str(e))
+                    self.recover_learner(e)
         except KeyboardInterrupt:
-            self.save_checkpoint()  # an interrupted run keeps its progress; --resume continues it
+            self.checkpoint_interrupted()  # an interrupted run keeps its progress; --resume continues it
             raise
         finally:
             metrics.close()
@@ -125,11 +129,13 @@ class Controller:
 
     # -- staleness --------------------------------------------------------------------------------
     def issue_ahead(self, past_bound: bool = False) -> bool:
-        """Issue every step whose weights would be at most max_staleness versions old (or, with ``past_bound``,
-        the next one regardless: the fallback when fresh weights are late)."""
+        """Issue every step whose weights would be at most max_staleness updates old (or, with ``past_bound``,
+        the next one regardless: the fallback when fresh weights are late). Counted in finished steps, not
+        versions: a step whose update was skipped (no group kept) publishes nothing new, and waiting for a
+        version that never comes would stall."""
         issued = False
         B, bound = self.cfg.trainer.prompts_per_step, self.cfg.runtime.max_staleness
-        while self.next_issue < self.cfg.trainer.steps and (past_bound or self.next_issue - self.weights.version <= bound):
+        while self.next_issue < self.cfg.trainer.steps and (past_bound or self.next_issue - self.step <= bound):
             self.pipeline.issue(self.next_issue, self.prompts.next(B))
             self.sampler_states[self.next_issue] = self.prompts.state()
             self.next_issue, issued = self.next_issue + 1, True
@@ -147,7 +153,7 @@ class Controller:
                 fell_back = self.issue_ahead(past_bound=True)
                 self.counters["staleness_fallbacks"] += int(fell_back)
             if waited > timeout_s:
-                raise LearnerLostError(f"learner call did not return within {timeout_s:g}s")
+                raise LearnerHungError(f"learner call did not return within {timeout_s:g}s")
         try:
             return ray.get(ref, timeout=60)
         except ObjectLostError:
@@ -161,8 +167,11 @@ class Controller:
 
     # -- plumbing ---------------------------------------------------------------------------------
     def publish(self, version: int) -> None:
+        """The learner's state of ``version`` as one object; only its small second return comes to the driver
+        (a learner that died before publishing surfaces here, not in every generator's pull)."""
         if version != self.weights.version:
-            self.weights.publish(version, self.rt.learner.publish_weights.remote())
+            payload, published = self.rt.learner.publish_weights.options(num_returns=2).remote()
+            self.weights.publish(self.wait_learner(published, self.cfg.runtime.update_timeout_s), payload)
 
     def restore(self) -> None:
         point = self.wait_learner(self.rt.learner.restore_point.remote(), self.cfg.runtime.start_timeout_s)
@@ -173,8 +182,9 @@ class Controller:
         self.weights.clear()
         self.publish(int(point["version"]))
 
-    def recover_learner(self, why: str) -> None:
+    def recover_learner(self, error: LearnerLostError) -> None:
         """Roll back to the learner's last checkpoint: Ray restarts it (max_restarts), else a new one is made."""
+        why = str(error)
         if self.counters["learner_restarts"] >= self.cfg.runtime.learner_restart_budget:
             raise RuntimeError(f"the learner was lost {self.counters['learner_restarts'] + 1} times "
                                f"(runtime.learner_restart_budget); last: {why}")
@@ -182,8 +192,10 @@ class Controller:
         log.warning("learner lost at step %d (%s); resuming from its last checkpoint", self.step, why)
         self.pipeline.reset()
         try:
+            if isinstance(error, LearnerHungError):
+                raise error
             self.rt.wait_learner(self.cfg.runtime.start_timeout_s)
-        except Exception:  # its Ray restarts are spent (or it hangs): a fresh actor reads the same checkpoint
+        except Exception:  # hung, or its Ray restarts are spent: a fresh actor reads the same checkpoint
             self.rt.replace_learner()
             self.rt.wait_learner(self.cfg.runtime.start_timeout_s)
         self.restore()
@@ -194,6 +206,12 @@ class Controller:
         history = {k: v.state() for k, v in self.reward_history.items()}
         ref = self.rt.learner.checkpoint.remote(self.weights.version, self.step, state, history)
         return self.wait_learner(ref, self.cfg.runtime.update_timeout_s)
+
+    def checkpoint_interrupted(self) -> None:
+        try:
+            self.save_checkpoint()
+        except Exception as e:  # e.g. interrupted mid-update: the learner is a version ahead of this step
+            log.warning("no checkpoint of the interrupted step (%s); the last periodic one stands", short_error(e))
 
     def save_samples(self, name: str) -> str:
         return str(self.wait_learner(self.rt.learner.save_samples.remote(name), self.cfg.runtime.update_timeout_s))

@@ -33,7 +33,10 @@ def run_ray(cfg, resume: Path | None, fail: Callable[[str], None]) -> dict:
         resolve_model_path(cfg.model.path)  # fail here in one line, not in every actor's constructor
     except ModelLoadError as e:
         fail(str(e))
-    started = connect(cfg)
+    try:
+        started = connect(cfg)
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        fail(f"cannot reach the Ray cluster ({cfg.runtime.address or 'RAY_ADDRESS'}): {str(e).splitlines()[0]}")
     exporter, runtime = None, None
     try:
         if cfg.runtime.metrics_port:
@@ -67,8 +70,13 @@ def run_ray(cfg, resume: Path | None, fail: Callable[[str], None]) -> dict:
             except CheckpointError as e:
                 fail(str(e))
         console.print(f"[green]done[/] {controller.step} steps → {out.resolve()}")
-        for key in ("reward_curve", "samples", "checkpoint", "metrics"):
-            console.print(f"  {key:13s} {result[key]}")
+        for key in ("reward_curve", "samples", "before_after", "checkpoint", "metrics", "eval"):  # as run_local
+            if key in result:
+                console.print(f"  {key:13s} {result[key]}")
+        if "eval_summary" in result:
+            e = result["eval_summary"]
+            console.print(f"  held-out reward: base {e['base_mean']:.4f} → policy {e['policy_mean']:.4f}, "
+                          f"paired gain {e['gain']:+.4f} ± {e['gain_se']:.4f} ({e['z']:.1f} s.e., n={e['n']})")
         return result
     finally:
         if runtime is not None:

@@ -129,7 +129,7 @@ def test_actor_classes_without_ray_make_the_trainers_step(tmp_path):
 
     learner = LearnerActor(cfg.model_dump_json(), str(tmp_path / "shells"))
     generator, reward = GeneratorActor(cfg.model_dump_json()), RewardActor(cfg.model_dump_json())
-    weights = WeightsHandle(0, learner.publish_weights())  # in-process: the payload itself, no object store
+    weights = WeightsHandle(0, learner.publish_weights()[0])  # in-process: the payload itself, no object store
     prompts = learner.trainer.prompts.next(2)
     from drpo_core.groups import candidate_seed
 
@@ -144,4 +144,5 @@ def test_actor_classes_without_ray_make_the_trainers_step(tmp_path):
     assert stats["loss"] == pytest.approx(expected["loss"], rel=1e-5)
     got, want = learner.trainer.generator.trainable_state_dict(), trainer.generator.trainable_state_dict()
     assert all(torch.allclose(got[k], want[k], rtol=1e-5, atol=1e-7) for k in want)
-    assert unpack_state(learner.publish_weights()).keys() == want.keys()
+    payload, version = learner.publish_weights()
+    assert version == 1 and unpack_state(payload).keys() == want.keys()

@@ -106,7 +106,7 @@ def test_a_late_call_is_hedged_and_its_duplicate_dropped(ray_cluster):
 
 
 def test_dead_replicas_are_replaced_within_budget_and_the_pool_resizes(ray_cluster):
-    pool = sleeper_pool(1, restart_budget=1)
+    pool = sleeper_pool(1, restart_budget=1, health_timeout_s=10)
     try:
         ray.kill(pool.replicas[0].handle, no_restart=True)
         poll_until(pool, lambda: pool.stats["replacements"] == 1 and pool.replicas[0].state == "up")
@@ -121,7 +121,7 @@ def test_dead_replicas_are_replaced_within_budget_and_the_pool_resizes(ray_clust
         ray.kill(pool.replicas[0].handle, no_restart=True)  # budget spent: the pool gives up with a clear error
         with pytest.raises(PoolExhaustedError, match="restart budget"):
             pool.submit("x", "work", 0, "x")
-            poll_until(pool, lambda: False, 30)
+            poll_until(pool, lambda: False, 90)
     finally:
         pool.shutdown()
 

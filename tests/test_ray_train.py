@@ -68,14 +68,12 @@ def assert_same_weights(a: dict, b: dict) -> None:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-7, msg=k)
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
+def local_run(tmp, *overrides) -> dict:
     """DrpoTrainer (single process) with the same config: weights after steps 0..STEPS and per-step stats."""
-    tmp = tmp_path_factory.mktemp("local")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in the actors (Ray gives a fractional-CPU actor one thread)
     try:
-        trainer = DrpoTrainer(config(tmp), output_dir=tmp / "local")
+        trainer = DrpoTrainer(config(tmp, *overrides), output_dir=tmp / "local")
         weights = [trainer.generator.trainable_state_dict()]
         stats = []
         for _ in range(STEPS):
@@ -85,6 +83,19 @@ def reference(tmp_path_factory):
     finally:
         torch.set_num_threads(threads)
     return {"weights": weights, "stats": stats, "grid": tmp / "local" / "samples" / "step_0.png"}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    return local_run(tmp_path_factory.mktemp("local"))
+
+
+BINARY = "algo.binary_threshold=0.05"  # pass/fail reward: extra sampling rounds, and at step 3 no group is kept
+
+
+@pytest.fixture(scope="module")
+def reference_binary(tmp_path_factory):
+    return local_run(tmp_path_factory.mktemp("local_binary"), BINARY)
 
 
 def kill_when_busy(pool, method: str, min_step: int, killed: list) -> threading.Thread:
@@ -148,10 +159,12 @@ def test_synchronous_steps_equal_the_trainer_and_a_killed_job_resumes_through_th
     assert json.loads((out / "eval.json").read_text())["overall"]["n"] > 0
 
 
-def test_killed_replicas_and_learner_lose_and_double_count_nothing(ray_cluster, tmp_path, reference):
+def test_killed_replicas_and_learner_lose_and_double_count_nothing(ray_cluster, tmp_path, reference_binary):
     """A generator and a reward replica are killed while they hold work, the learner after step 2 (before its
-    step-2 checkpoint): lost groups are re-issued, late ones dropped, the learner resumes from step 1."""
-    cfg = config(tmp_path, "runtime.generator.replicas=2", "runtime.reward.replicas=2", "trainer.checkpoint_every=1")
+    step-2 checkpoint): lost groups are re-issued, late ones dropped, the learner resumes from step 1.
+    A binary reward makes groups go round generate → score → extend → score (DrpoTrainer's extra rounds)."""
+    reference = reference_binary
+    cfg = config(tmp_path, BINARY, "runtime.generator.replicas=2", "runtime.reward.replicas=2", "trainer.checkpoint_every=1")
     killed_gen, killed_rew, runtime = [], [], []
 
     def start_killers(rt):
@@ -167,6 +180,19 @@ def test_killed_replicas_and_learner_lose_and_double_count_nothing(ray_cluster, 
     assert killed_gen and killed_rew, "the killers never found work in flight"
     assert [r["step"] for r in rows] == [1, 2, 2, 3]  # step 2 was redone after the learner restart
     assert [r["update/groups"] for r in rows] == [2.0] * 4  # every update saw exactly its B groups
+    want = [reference["stats"][i] for i in (0, 1, 1, 2)]
+    assert [r["sampler/extra_rounds"] for r in rows] == [w["sampler/extra_rounds"] for w in want]
+    assert [r["update/kept_groups"] for r in rows] == [w["update/kept_groups"] for w in want]
     assert rows[-1]["runtime/learner_restarts"] == 1 and rows[-1]["runtime/groups_reissued"] >= 1
     # re-issued groups are regenerated from the same seeds and weights version: the run is unchanged
     assert_same_weights(trainable(result["checkpoint"]), reference["weights"][STEPS])
+
+
+def test_cli_names_a_resource_shortfall_in_one_line_before_starting_anything(ray_cluster, tmp_path):
+    env = dict(os.environ, RAY_ADDRESS=ray_cluster.address, PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, "-m", "services.cli", "train", "--set", "runtime.generator.replicas=3",
+                           "--set", "runtime.generator.num_cpus=1", "--output-dir", str(tmp_path / "x")],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("drpo: error: the plan needs 4.25 CPU (generator 3×1 + reward 1×0.25")
+    assert not (tmp_path / "x" / "metrics.jsonl").exists()
