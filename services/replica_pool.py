@@ -45,6 +45,7 @@ class Replica:
     ping_ref: Any = None
     ping_deadline: float = 0.0
     node: str | None = None
+    suspect_since: float | None = None
     last_ok: float = 0.0
     last_error: str = ""
 
@@ -135,9 +136,11 @@ class ReplicaPool:
     def poll(self, timeout_s: float = 0.1) -> list[Completion]:
         """Wait up to ``timeout_s`` on this pool alone, then :meth:`process`."""
         refs = self.refs()
-        ready = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)[0] if refs else []
-        if refs and not ready:
-            ready = ray.wait(refs, num_returns=1, timeout=0)[0]
+        if not refs:
+            time.sleep(timeout_s)
+        ready = ray.wait(refs, num_returns=1, timeout=timeout_s, fetch_local=False)[0] if refs else []
+        if ready:  # and everything else already done
+            ready = ray.wait(refs, num_returns=len(refs), timeout=0, fetch_local=False)[0] or ready
         return self.process(ready)
 
     def cancel_all(self) -> None:
@@ -278,15 +281,20 @@ class ReplicaPool:
 
     def _suspect(self, r: Replica, why: str) -> None:
         r.last_error = why
-        if r.state == "up":
+        if r.state in ("up", "suspect"):
             r.state = "suspect"
+            r.suspect_since = r.suspect_since or time.monotonic()
 
     def _check_health(self) -> None:
         now = time.monotonic()
         for r in self.replicas:
             if r.state in ("dead", "draining"):
                 continue
-            if r.ping_ref is None and (r.state == "suspect" or now - r.last_ok > self.health_interval_s):
+            # a replica Ray is restarting answers "unavailable" until its constructor is done: allow start_timeout_s
+            grace = self.start_timeout_s if "Unavailable" in r.last_error else self.health_timeout_s
+            if r.state == "suspect" and now - r.suspect_since > grace:
+                self._replace(r, f"unhealthy for {now - r.suspect_since:.0f}s; last: {r.last_error}")
+            elif r.ping_ref is None and (r.state == "suspect" or now - r.last_ok > self.health_interval_s):
                 r.ping_ref = r.handle.ping.options(concurrency_group="health").remote()
                 r.ping_deadline = now + self.health_timeout_s
             elif r.ping_ref is not None and now > r.ping_deadline:
@@ -296,8 +304,8 @@ class ReplicaPool:
         ref, r.ping_ref = r.ping_ref, None
         try:
             info = ray.get(ref, timeout=30)
-        except ActorUnavailableError as e:  # restarting: ping again next round, until the deadline logic gives up
-            r.last_error, r.state = short_error(e), "suspect"
+        except ActorUnavailableError as e:  # restarting: ping again next round, for at most health_timeout_s
+            self._suspect(r, short_error(e))
             return
         except (RayError, GetTimeoutError) as e:
             self._replace(r, short_error(e))
@@ -306,7 +314,7 @@ class ReplicaPool:
             self.stats["restarts"] += 1  # Ray restarted the actor (max_restarts); its state was rebuilt
         r.pid, r.node, r.last_ok = info["pid"], info.get("node"), time.monotonic()
         if r.state in ("starting", "suspect"):
-            r.state = "up"
+            r.state, r.suspect_since = "up", None
 
     def _replace(self, r: Replica, why: str) -> None:
         r.last_error, r.ping_ref = why, None
@@ -324,6 +332,7 @@ class ReplicaPool:
         self.stats["restarts"] += 1
         fresh = self._start(r.index)
         r.handle, r.pid, r.state, r.ping_ref, r.ping_deadline = fresh.handle, None, "starting", fresh.ping_ref, fresh.ping_deadline
+        r.suspect_since = None
 
     def _reap_draining(self) -> None:
         for r in [r for r in self.replicas if r.state == "draining" and not r.in_flight]:

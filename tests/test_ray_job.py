@@ -66,16 +66,24 @@ def test_ray_job_submit_runs_drpo_train_on_a_real_head(tmp_path):
     temp = Path("/tmp") / f"drpo-rayjob-{os.getpid()}"  # short: Ray's socket paths must stay under 107 bytes
     head = subprocess.Popen([str(BIN / "ray"), "start", "--head", "--block", f"--port={free_port()}", "--num-cpus=2",
                              "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+                             # own ports for the agents: another cluster on this machine (the session one) holds the defaults
+                             f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+                             f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
+                             f"--ray-client-server-port={free_port()}",
                              f"--temp-dir={temp}", "--disable-usage-stats"],
                             env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_for(f"http://127.0.0.1:{dashboard}/api/version", 120)
         out = tmp_path / "run"
-        proc = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", f"http://127.0.0.1:{dashboard}",
-                               "--working-dir", ".", "--runtime-env", "deploy/ray/runtime_env.yaml", "--",
-                               "drpo", "train", "--config", "deploy/configs/tiny.yaml", "--set", "trainer.steps=3",
-                               "--set", "trainer.heldout_eval_seeds=2", "--output-dir", str(out)],
-                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        for _ in range(12):  # the dashboard answers before its job agent is up ("No available agent"): retry
+            proc = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", f"http://127.0.0.1:{dashboard}",
+                                   "--working-dir", ".", "--runtime-env", "deploy/ray/runtime_env.yaml", "--",
+                                   "drpo", "train", "--config", "deploy/configs/tiny.yaml", "--set", "trainer.steps=3",
+                                   "--set", "trainer.heldout_eval_seeds=2", "--output-dir", str(out)],
+                                  cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+            if "No available agent" not in proc.stdout + proc.stderr:
+                break
+            time.sleep(5)
         assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
         assert "succeeded" in proc.stdout + proc.stderr
         rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

@@ -58,8 +58,13 @@ def drain(pool: ReplicaPool, ids, timeout_s=120.0) -> dict:
 def poll_until(pool, condition, timeout_s=90.0):
     deadline = time.monotonic() + timeout_s
     while not condition():
-        assert time.monotonic() < deadline, "condition not reached"
+        assert time.monotonic() < deadline, f"condition not reached: {describe(pool)}"
         pool.poll(0.05)
+
+
+def describe(pool) -> str:
+    return (f"stats {dict(pool.stats)}, queue {len(pool.queue)}, calls {len(pool.calls)}, replicas "
+            f"{[(r.index, r.state, r.pid, r.ping_ref is not None, r.last_error) for r in pool.replicas]}")
 
 
 def random_groups(n):
@@ -118,10 +123,10 @@ def test_dead_replicas_are_replaced_within_budget_and_the_pool_resizes(ray_clust
         assert len(pids) >= 2  # the work was spread
         pool.resize(1)
         poll_until(pool, lambda: len(pool.replicas) == 1)
-        ray.kill(pool.replicas[0].handle, no_restart=True)  # budget spent: the pool gives up with a clear error
+        ray.kill(pool.replicas[0].handle, no_restart=True)  # budget spent: the next request fails with a clear error
+        poll_until(pool, lambda: pool.replicas[0].state == "dead")  # noticed by its health ping
         with pytest.raises(PoolExhaustedError, match="restart budget"):
             pool.submit("x", "work", 0, "x")
-            poll_until(pool, lambda: False, 90)
     finally:
         pool.shutdown()
 
