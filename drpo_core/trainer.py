@@ -79,6 +79,7 @@ class DrpoTrainer:
         self.metadata = prompt_metadata(cfg.prompts)
         self.reward_history: dict[str, RunningStats] = {}
         self.step = 0
+        self._mid_step = False
 
     # -- one step, in the order of the algorithm box --------------------------------------------
     def collect(self, step: int, prompts: list[str]) -> tuple[list[CandidateGroup], dict[str, float]]:
@@ -107,6 +108,7 @@ class DrpoTrainer:
         return rounds
 
     def train_step(self) -> dict[str, float]:
+        self._mid_step = True  # an interrupt now must not checkpoint half-applied state
         t0 = time.perf_counter()
         prompts = self.prompts.next(self.cfg.trainer.prompts_per_step)
         groups, stats = self.collect(self.step, prompts)
@@ -118,6 +120,7 @@ class DrpoTrainer:
         t2 = time.perf_counter()
         stats.update({"step": self.step, "version": self.learner.version, "time/sample_score_s": t1 - t0,
                       "time/update_s": t2 - t1, "time/step_s": t2 - t0})
+        self._mid_step = False
         return stats
 
     # -- outputs ---------------------------------------------------------------------------------
@@ -188,7 +191,8 @@ class DrpoTrainer:
                 if self.step % tc.checkpoint_every == 0 or self.step == tc.steps:
                     self.save_checkpoint()
         except KeyboardInterrupt:
-            self.save_checkpoint()  # an interrupted run keeps its progress; --resume continues it
+            if not self._mid_step:  # mid-step, the newest periodic checkpoint stays the restart point
+                self.save_checkpoint()  # an interrupted run keeps its progress; --resume continues it
             raise
         finally:
             metrics.close()

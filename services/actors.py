@@ -20,7 +20,7 @@ from drpo_core.config import DrpoConfig
 from drpo_core.generator import load_generator
 from drpo_core.groups import CandidateGroup
 from drpo_core.normalizer import RunningStats
-from drpo_core.rewards import build_reward
+from services.rewards import build_reward  # grpc / flow_grpo clients live in services
 from drpo_core.sampler import CandidateSampler
 from drpo_core.scoring import RewardScorer
 from drpo_core.trainer import DrpoTrainer, build_rewards
@@ -136,7 +136,7 @@ class RewardActor:
 
     def __init__(self, cfg_json: str):
         cfg = _config(cfg_json)
-        self.scorer = RewardScorer(build_rewards(cfg), binary=cfg.algo.binary_threshold is not None,
+        self.scorer = RewardScorer(build_rewards(cfg, builder=build_reward), binary=cfg.algo.binary_threshold is not None,
                                    shuffle_seed=cfg.trainer.seed if cfg.algo.shuffle_rewards else None)
 
     def score(self, group: CandidateGroup) -> ScoreResult:
