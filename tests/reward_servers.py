@@ -172,10 +172,13 @@ class FlowGrpoStyleServer:
 
 
 class _Exploit:
-    """Unpickles into a call of ``print("pwned")``: visible proof of code execution if it is ever loaded."""
+    """Unpickles into ``exec("print('pwned')")``: visible proof of code execution if it is ever loaded.
+
+    (``exec`` rather than ``print`` itself: importing Ray can swap ``builtins.print`` for its own.)
+    """
 
     def __reduce__(self):
-        return (print, ("pwned",))
+        return (exec, ("print('pwned')",))
 
 
 class MetadataEchoReward:

@@ -418,7 +418,7 @@ def test_flow_grpo_round_trip_against_a_server_of_that_format():
     assert stats["requests"] == 2 and stats["errors"] == 0 and stats["missing"] == 1
 
 
-@pytest.mark.parametrize("mode,reason", [("malicious", "builtins.print"), ("traceback", "HTTP 500"),
+@pytest.mark.parametrize("mode,reason", [("malicious", "builtins.exec"), ("traceback", "HTTP 500"),
                                          ("error", "detector crashed")])
 def test_flow_grpo_bad_answers_are_missing_not_executed_nor_retried(mode, reason, capsys, caplog):
     with FlowGrpoStyleServer() as server:
