@@ -43,7 +43,13 @@ def run_local(cfg, resume: Path | None, fail: Callable[[str], None]) -> dict:
             result = trainer.run(on_step=on_step, resume=resume)
         except CheckpointError as e:
             fail(str(e))
-    console.print(f"[green]done[/] {trainer.step} steps → {out}")
+    print_run_summary(console, trainer.step, out, result)
+    return result
+
+
+def print_run_summary(console: Console, steps: int, out: Path, result: dict) -> None:
+    """Where the outputs are, and the held-out base-vs-policy result (both runtimes)."""
+    console.print(f"[green]done[/] {steps} steps → {out}")
     for key in ("reward_curve", "samples", "before_after", "checkpoint", "metrics", "eval"):
         if key in result:
             console.print(f"  {key:13s} {result[key]}")
@@ -51,4 +57,3 @@ def run_local(cfg, resume: Path | None, fail: Callable[[str], None]) -> dict:
         e = result["eval_summary"]
         console.print(f"  held-out reward: base {e['base_mean']:.4f} → policy {e['policy_mean']:.4f}, "
                       f"paired gain {e['gain']:+.4f} ± {e['gain_se']:.4f} ({e['z']:.1f} s.e., n={e['n']})")
-    return result

@@ -13,7 +13,7 @@ from typing import Callable
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from services.train_local import check_output_dir
+from services.train_local import check_output_dir, print_run_summary
 
 
 def run_ray(cfg, resume: Path | None, fail: Callable[[str], None]) -> dict:
@@ -69,14 +69,7 @@ def run_ray(cfg, resume: Path | None, fail: Callable[[str], None]) -> dict:
                 result = controller.run(on_step=on_step, resume=resume)
             except CheckpointError as e:
                 fail(str(e))
-        console.print(f"[green]done[/] {controller.step} steps → {out.resolve()}")
-        for key in ("reward_curve", "samples", "before_after", "checkpoint", "metrics", "eval"):  # as run_local
-            if key in result:
-                console.print(f"  {key:13s} {result[key]}")
-        if "eval_summary" in result:
-            e = result["eval_summary"]
-            console.print(f"  held-out reward: base {e['base_mean']:.4f} → policy {e['policy_mean']:.4f}, "
-                          f"paired gain {e['gain']:+.4f} ± {e['gain_se']:.4f} ({e['z']:.1f} s.e., n={e['n']})")
+        print_run_summary(console, controller.step, out.resolve(), result)
         return result
     finally:
         if runtime is not None:
