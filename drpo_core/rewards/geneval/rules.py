@@ -151,11 +151,7 @@ def evaluate_geneval(image: torch.Tensor, objects: dict[str, list[Found]], spec:
         verdict.clauses.append(cv)
         groups.append(objs if matched else None)
         verdict.correct &= matched
-    for clause in spec.exclude:
-        n = len(objects.get(clause.cls, []))
-        if n >= clause.count:
-            verdict.correct = False
-            verdict.reasons.append(f"expected {clause.cls}<{clause.count}, found {n}")
+    _apply_exclusions(spec, objects, verdict)
     verdict.score = float(verdict.correct)
     return verdict
 
@@ -199,10 +195,15 @@ def evaluate_exact(image: torch.Tensor, objects: dict[str, list[Found]], spec: G
         verdict.clauses.append(cv)
         groups.append(objs if matched else None)
         verdict.correct &= matched
+    _apply_exclusions(spec, objects, verdict)
+    verdict.score = sum(terms) / len(terms) if terms else 0.0
+    return verdict
+
+
+def _apply_exclusions(spec, objects, verdict) -> None:
+    """Exclude clauses are ORed: any class present ``count`` times or more fails the image."""
     for clause in spec.exclude:
         n = len(objects.get(clause.cls, []))
         if n >= clause.count:
             verdict.correct = False
             verdict.reasons.append(f"expected {clause.cls}<{clause.count}, found {n}")
-    verdict.score = sum(terms) / len(terms) if terms else 0.0
-    return verdict
