@@ -66,7 +66,7 @@ def build_real(kind: str, folder: Path, device: str, dtype: torch.dtype) -> Path
     import diffusers
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    from drpo_core.tiny_models import write_clip_tokenizer
+    from drpo_core.models.tiny_models import write_clip_tokenizer
 
     spec = REAL[kind]
     with torch.device(device):
@@ -132,9 +132,9 @@ def timed(fn, repeats: int, cuda: bool) -> tuple[float, float]:
 def measure(kind: str, path: str, args, pixel_paths: dict[str, str]) -> dict[str, tuple[float, float]]:
     from drpo_core.config import AlgoConfig, FeaturesConfig, LoraConfig, ModelConfig, TrainerConfig
     from drpo_core.features import build_encoder
-    from drpo_core.generator import load_generator
-    from drpo_core.learner import DrpoLearner
-    from drpo_core.sampler import CandidateSampler
+    from drpo_core.models.generator import load_generator
+    from drpo_core.training.learner import DrpoLearner
+    from drpo_core.training.sampler import CandidateSampler
 
     cuda, K = args.device == "cuda", args.candidates
     dtype = {"sd-turbo": "float16", "sdxl-turbo": "bfloat16"}[kind] if cuda else "float32"
@@ -204,7 +204,7 @@ def main() -> None:
         torch.set_num_threads(1)  # CPU time of one thread: no spin-waiting, no neighbours in the number
     report: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        from drpo_core.tiny_models import tiny_pixel_encoder_path
+        from drpo_core.models.tiny_models import tiny_pixel_encoder_path
 
         if args.size == "real":
             pixel = {k: str(build_pixel(k, Path(tmp) / k)) for k in PIXEL}

@@ -68,7 +68,7 @@ class SimGenerator:
         return time.perf_counter() - t0
 
     def generate(self, weights, request):
-        from drpo_core.groups import CandidateGroup
+        from drpo_core.algorithms.groups import CandidateGroup
         from services.actors import GenerationInfo
 
         sync = self._sync(weights)
@@ -91,8 +91,8 @@ class SimReward:
         self.per_image = REWARD_MS[os.environ["DRPO_SIM_REWARD"]] * MS
 
     def score(self, group):
-        from drpo_core.groups import stable_seed
-        from drpo_core.ranking import zscore
+        from drpo_core.algorithms.groups import stable_seed
+        from drpo_core.algorithms.ranking import zscore
         from services.actors import ScoreResult
 
         t0 = time.perf_counter()

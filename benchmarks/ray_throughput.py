@@ -37,7 +37,7 @@ VARIANTS = {  # name -> runtime overrides (an int = the single-process trainer w
 def measure_local(cfg, steps: int, threads: int) -> dict:
     import torch
 
-    from drpo_core.trainer import DrpoTrainer
+    from drpo_core.training.trainer import DrpoTrainer
 
     default = torch.get_num_threads()
     torch.set_num_threads(threads or default)

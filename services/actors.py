@@ -15,15 +15,15 @@ from pathlib import Path
 
 import torch
 
-from drpo_core.checkpoint import latest_checkpoint
+from drpo_core.training.checkpoint import latest_checkpoint
 from drpo_core.config import DrpoConfig
-from drpo_core.generator import load_generator
-from drpo_core.groups import CandidateGroup
-from drpo_core.normalizer import RunningStats
+from drpo_core.models.generator import load_generator
+from drpo_core.algorithms.groups import CandidateGroup
+from drpo_core.algorithms.normalizer import RunningStats
 from services.rewards import build_reward  # grpc / flow_grpo clients live in services
-from drpo_core.sampler import CandidateSampler
-from drpo_core.scoring import RewardScorer
-from drpo_core.trainer import DrpoTrainer, build_rewards
+from drpo_core.training.sampler import CandidateSampler
+from drpo_core.training.scoring import RewardScorer
+from drpo_core.training.trainer import DrpoTrainer, build_rewards
 from services.weights import WeightsHandle, pack_state, unpack_state
 
 

@@ -91,7 +91,7 @@ def export(
                                        "(LoRA fused), loadable with AutoPipelineForText2Image.from_pretrained(OUT)"),
 ) -> None:
     """Export a checkpoint for stock diffusers: LoRA weights and, optionally, a full pipeline folder."""
-    from drpo_core.export import export_checkpoint
+    from drpo_core.models.export import export_checkpoint
 
     try:
         written = export_checkpoint(checkpoint, out, full_pipeline=full_pipeline)

@@ -26,9 +26,9 @@ import ray
 from ray.exceptions import ObjectLostError, RayActorError, RayTaskError
 
 from drpo_core.config import DrpoConfig, dump_config
-from drpo_core.prompts import PromptSampler, training_prompts
-from drpo_core.reporting import MetricsWriter, plot_reward_curve
-from drpo_core.trainer import group_stats
+from drpo_core.training.prompts import PromptSampler, training_prompts
+from drpo_core.training.reporting import MetricsWriter, plot_reward_curve
+from drpo_core.training.trainer import group_stats
 from services.actors import LearnerRestartedError, running_stats
 from services.pipeline import GroupPipeline, TrackedGroup
 from services.replica_pool import short_error

@@ -2,7 +2,7 @@
 
 "grpc" needs grpcio (banned from ``drpo_core``) and "flow_grpo" unpickles server answers, so both are
 built here; every other kind is delegated to :func:`drpo_core.rewards.build_reward`. Services pass this
-function as the ``builder`` of :func:`drpo_core.trainer.build_rewards`.
+function as the ``builder`` of :func:`drpo_core.training.trainer.build_rewards`.
 """
 
 from __future__ import annotations

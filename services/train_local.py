@@ -18,9 +18,9 @@ def check_output_dir(out: Path, resume: Path | None, fail: Callable[[str], None]
 
 
 def run_local(cfg, resume: Path | None, fail: Callable[[str], None]) -> dict:
-    from drpo_core.checkpoint import CheckpointError
-    from drpo_core.generator import ModelLoadError
-    from drpo_core.trainer import DrpoTrainer, build_rewards
+    from drpo_core.training.checkpoint import CheckpointError
+    from drpo_core.models.generator import ModelLoadError
+    from drpo_core.training.trainer import DrpoTrainer, build_rewards
     from services.rewards import build_reward
 
     console = Console(stderr=True)

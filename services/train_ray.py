@@ -19,8 +19,8 @@ from services.train_local import check_output_dir, print_run_summary
 def run_ray(cfg, resume: Path | None, fail: Callable[[str], None]) -> dict:
     import ray
 
-    from drpo_core.checkpoint import CheckpointError
-    from drpo_core.generator import ModelLoadError, resolve_model_path
+    from drpo_core.training.checkpoint import CheckpointError
+    from drpo_core.models.generator import ModelLoadError, resolve_model_path
     from services.controller import Controller
     from services.metrics import MetricsExporter
     from services.roles import PlacementError

@@ -4,7 +4,7 @@
 
 * the controller's :class:`services.metrics.MetricsExporter`, fed every 0.2 s with one step's stats built the
   way the controller builds them: rewards scored over HTTP by the real :class:`HttpReward` client, anchors
-  from :func:`drpo_core.ranking.select_anchors`, loss and drift norms from :func:`drpo_core.loss.drpo_group_loss`
+  from :func:`drpo_core.algorithms.ranking.select_anchors`, loss and drift norms from :func:`drpo_core.algorithms.loss.drpo_group_loss`
   on multi-scale features, plus the runtime's timing / lag / fault / pool counters;
 * the reward server of :func:`services.reward_server.create_app` (hue reward, bearer token), which that client
   calls with the right token and, as a second reward, with a wrong one (401 → missing scores);
@@ -27,10 +27,10 @@ import torch
 import yaml
 
 from drpo_core.config import AlgoConfig
-from drpo_core.features import multiscale_mean_std
-from drpo_core.loss import drpo_group_loss
-from drpo_core.normalizer import RunningStats
-from drpo_core.ranking import select_anchors
+from drpo_core.features.common import multiscale_mean_std
+from drpo_core.algorithms.loss import drpo_group_loss
+from drpo_core.algorithms.normalizer import RunningStats
+from drpo_core.algorithms.ranking import select_anchors
 from tests.reward_servers import free_port, uvicorn_server
 
 K, M = 8, 2

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from drpo_core.drift import drift_field, drift_loss
+from drpo_core.algorithms.drift import drift_field, drift_loss
 from tests.reference import drift_field_loop
 
 

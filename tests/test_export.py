@@ -8,9 +8,9 @@ import torch
 from safetensors.torch import load_file
 
 from drpo_core.config import load_config
-from drpo_core.export import ExportError, export_checkpoint
-from drpo_core.tiny_models import tiny_sd_turbo_path, tiny_sdxl_path
-from drpo_core.trainer import DrpoTrainer
+from drpo_core.models.export import ExportError, export_checkpoint
+from drpo_core.models.tiny_models import tiny_sd_turbo_path, tiny_sdxl_path
+from drpo_core.training.trainer import DrpoTrainer
 
 # rank ≠ alpha so that a lost LoRA scale (α/r = 2) would show; a high lr so that 2 steps move the images
 FAST = ["trainer.prompts_per_step=1", "algo.num_candidates=4", "algo.num_anchors=1", "trainer.lr=5e-2",

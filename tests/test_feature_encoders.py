@@ -7,9 +7,9 @@ from safetensors.torch import save_file
 
 from drpo_core.config import FeaturesConfig, LoraConfig, ModelConfig
 from drpo_core.features import LatentResNetEncoder, build_encoder
-from drpo_core.generator import load_generator
-from drpo_core.latent_mae import to_model_key
-from drpo_core.tiny_models import tiny_pixel_encoder_path
+from drpo_core.models.generator import load_generator
+from drpo_core.features.latent_mae import to_model_key
+from drpo_core.models.tiny_models import tiny_pixel_encoder_path
 
 KINDS = ["latent_resnet", "unet_hidden", "dinov2", "vit_mae"]
 EXPECTED_KEYS = {  # the multi-scale keys of each kind on the tiny models (32 px, 4×8×8 latents)

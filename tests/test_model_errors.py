@@ -24,7 +24,7 @@ def drpo(*args):
 def checkpoint(tmp_path_factory):
     """A real 1-step SD-Turbo-architecture checkpoint (LoRA)."""
     from drpo_core.config import load_config
-    from drpo_core.trainer import DrpoTrainer
+    from drpo_core.training.trainer import DrpoTrainer
 
     out = tmp_path_factory.mktemp("ckpt")
     args = [a for a in SMALL if a != "--set"]
@@ -34,7 +34,7 @@ def checkpoint(tmp_path_factory):
 
 
 def test_bad_model_inputs_exit_2_with_one_clear_line(checkpoint, tmp_path):
-    from drpo_core.tiny_models import tiny_sd_turbo_path, tiny_sdxl_path
+    from drpo_core.models.tiny_models import tiny_sd_turbo_path, tiny_sdxl_path
 
     cases = {
         "sdxl folder as sd-turbo": (["--set", f"model.path={tiny_sdxl_path()}"],

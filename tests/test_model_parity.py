@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from drpo_core.config import LoraConfig, ModelConfig
-from drpo_core.generator import ModelLoadError, OneStepGenerator, load_generator
-from drpo_core.generator_sdxl import SdxlCondition, SdxlOneStepGenerator
-from drpo_core.tiny_models import tiny_sd_turbo_path, tiny_sdxl_path
+from drpo_core.models.generator import ModelLoadError, OneStepGenerator, load_generator
+from drpo_core.models.generator_sdxl import SdxlCondition, SdxlOneStepGenerator
+from drpo_core.models.tiny_models import tiny_sd_turbo_path, tiny_sdxl_path
 
 ARCHS = {
     "sd-turbo": ("tiny", tiny_sd_turbo_path, diffusers.StableDiffusionPipeline),
@@ -48,7 +48,7 @@ def test_images_equal_stock_pipeline_one_step(arch):
 
 def test_lora_policy_equals_stock_pipeline_with_the_same_lora(arch, tmp_path):
     """A moved adapter, saved in the diffusers layout, gives the same images in the stock pipeline."""
-    from drpo_core.checkpoint import export_lora
+    from drpo_core.training.checkpoint import export_lora
 
     _, gen, pipe = arch
     state = gen.trainable_state_dict()

@@ -2,7 +2,7 @@ import math
 
 import torch
 
-from drpo_core.normalizer import RunningStats
+from drpo_core.algorithms.normalizer import RunningStats
 
 
 def test_running_stats_match_batch_statistics_and_round_trip():

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from drpo_core.ranking import (SKIP_CONSTANT, SKIP_TOO_FEW_NEGATIVES, SKIP_TOO_FEW_POSITIVES, SKIP_TOO_FEW_VALID,
+from drpo_core.algorithms.ranking import (SKIP_CONSTANT, SKIP_TOO_FEW_NEGATIVES, SKIP_TOO_FEW_POSITIVES, SKIP_TOO_FEW_VALID,
                                ensemble_scores, select_anchors, zscore)
 
 nan = float("nan")

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from drpo_core.config import load_config
-from drpo_core.reporting import read_metrics
+from drpo_core.training.reporting import read_metrics
 
 ray = pytest.importorskip("ray")
 

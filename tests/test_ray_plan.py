@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from drpo_core.config import ConfigError, load_config
-from drpo_core.ranking import select_anchors
-from drpo_core.trainer import DrpoTrainer
+from drpo_core.algorithms.ranking import select_anchors
+from drpo_core.training.trainer import DrpoTrainer
 from services.actors import GeneratorActor, GroupRequest, LearnerActor, RewardActor, ScoreResult
 from services.metrics import METRICS, MetricsExporter, spec_for
 from services.roles import PlacementError, ResourcePlan, Role
@@ -131,7 +131,7 @@ def test_actor_classes_without_ray_make_the_trainers_step(tmp_path):
     generator, reward = GeneratorActor(cfg.model_dump_json()), RewardActor(cfg.model_dump_json())
     weights = WeightsHandle(0, learner.publish_weights()[0])  # in-process: the payload itself, no object store
     prompts = learner.trainer.prompts.next(2)
-    from drpo_core.groups import candidate_seed
+    from drpo_core.algorithms.groups import candidate_seed
 
     groups, scores = [], []
     for slot, prompt in enumerate(prompts):

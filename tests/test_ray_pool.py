@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from drpo_core.config import load_config
-from drpo_core.groups import CandidateGroup
-from drpo_core.scoring import RewardScorer
-from drpo_core.trainer import build_rewards
+from drpo_core.algorithms.groups import CandidateGroup
+from drpo_core.training.scoring import RewardScorer
+from drpo_core.training.trainer import build_rewards
 
 ray = pytest.importorskip("ray")
 

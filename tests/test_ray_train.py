@@ -20,8 +20,8 @@ import torch
 from safetensors.torch import load_file
 
 from drpo_core.config import load_config
-from drpo_core.reporting import read_metrics
-from drpo_core.trainer import DrpoTrainer
+from drpo_core.training.reporting import read_metrics
+from drpo_core.training.trainer import DrpoTrainer
 
 ray = pytest.importorskip("ray")
 

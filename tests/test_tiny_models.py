@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from drpo_core.config import LoraConfig, ModelConfig
-from drpo_core.generator import ModelLoadError, OneStepGenerator, candidate_noise, tokenize_prompts
-from drpo_core.tiny_models import tiny_sd_turbo_path
+from drpo_core.models.generator import ModelLoadError, OneStepGenerator, candidate_noise, tokenize_prompts
+from drpo_core.models.tiny_models import tiny_sd_turbo_path
 
 TEXTS = ["a photo of a red car", "A  Photo of   GREEN dog!!", "héllo wörld, 1234 :) &amp; <b>tags</b>",
          "it's a cat's toy; they're here", "", "word " * 120, "emoji 😀 and ümlauts", "3.14 pies, 1/2 cakes"]

@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 
-from drpo_core.checkpoint import CheckpointError, latest_checkpoint
+from drpo_core.training.checkpoint import CheckpointError, latest_checkpoint
 from drpo_core.config import load_config
-from drpo_core.trainer import DrpoTrainer
+from drpo_core.training.trainer import DrpoTrainer
 
 FAST = ["trainer.prompts_per_step=2", "algo.num_candidates=6", "algo.num_anchors=2", "trainer.lr=1e-2"]
 

@@ -2,7 +2,7 @@
 
 Used by tests/test_rewards_models.py and tests/test_geneval.py: an open_clip CLIP (ViT + text tower)
 registered from a config JSON, a transformers CLIPModel folder (PickScore / CLIP score / colour
-classifier layout) and an OWLv2 detector folder; tokenizers come from drpo_core.tiny_models.
+classifier layout) and an OWLv2 detector folder; tokenizers come from drpo_core.models.tiny_models.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from drpo_core.tiny_models import write_clip_tokenizer
+from drpo_core.models.tiny_models import write_clip_tokenizer
 
 TINY_OPENCLIP_CONFIG = {
     "embed_dim": 16,

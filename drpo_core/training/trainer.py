@@ -16,20 +16,20 @@ from typing import Callable
 
 import torch
 
-from drpo_core.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from drpo_core.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from drpo_core.config import DrpoConfig, dump_config
-from drpo_core.evaluation import evaluate, heldout_seeds
+from drpo_core.training.evaluation import evaluate, heldout_seeds
 from drpo_core.features import build_encoder
-from drpo_core.generator import load_generator
-from drpo_core.groups import CandidateGroup, candidate_seed
-from drpo_core.learner import DrpoLearner
-from drpo_core.normalizer import RunningStats
-from drpo_core.prompts import PromptSampler, heldout_prompts, prompt_metadata, training_prompts
-from drpo_core.ranking import SKIP_TOO_FEW_NEGATIVES, SKIP_TOO_FEW_POSITIVES, select_anchors
-from drpo_core.reporting import MetricsWriter, plot_reward_curve, save_grid
+from drpo_core.models.generator import load_generator
+from drpo_core.algorithms.groups import CandidateGroup, candidate_seed
+from drpo_core.training.learner import DrpoLearner
+from drpo_core.algorithms.normalizer import RunningStats
+from drpo_core.training.prompts import PromptSampler, heldout_prompts, prompt_metadata, training_prompts
+from drpo_core.algorithms.ranking import SKIP_TOO_FEW_NEGATIVES, SKIP_TOO_FEW_POSITIVES, select_anchors
+from drpo_core.training.reporting import MetricsWriter, plot_reward_curve, save_grid
 from drpo_core.rewards import build_reward
-from drpo_core.sampler import CandidateSampler
-from drpo_core.scoring import RewardScorer
+from drpo_core.training.sampler import CandidateSampler
+from drpo_core.training.scoring import RewardScorer
 
 
 def build_rewards(cfg: DrpoConfig, builder: Callable = build_reward) -> dict[str, tuple]:

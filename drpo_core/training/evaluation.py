@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from drpo_core.groups import stable_seed
+from drpo_core.algorithms.groups import stable_seed
 
 
 def heldout_seeds(n: int, salt: str = "eval") -> list[int]:

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import torch
 
-from drpo_core.groups import CandidateGroup, stable_seed
-from drpo_core.ranking import ensemble_scores
+from drpo_core.algorithms.groups import CandidateGroup, stable_seed
+from drpo_core.algorithms.ranking import ensemble_scores
 
 
 class RewardScorer:

@@ -13,8 +13,8 @@ from __future__ import annotations
 import torch
 
 from drpo_core.config import AlgoConfig
-from drpo_core.drift import drift_loss
-from drpo_core.features import FeatureDict
+from drpo_core.algorithms.drift import drift_loss
+from drpo_core.features.common import FeatureDict
 
 
 def _points(x: torch.Tensor) -> torch.Tensor:

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-from drpo_core.checkpoint import latest_checkpoint
-from drpo_core.generator import resolve_model_path
-from drpo_core.model_arch import KIND_PIPELINE
+from drpo_core.training.checkpoint import latest_checkpoint
+from drpo_core.models.generator import resolve_model_path
+from drpo_core.models.model_arch import KIND_PIPELINE
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from drpo_core.generator import OneStepGenerator, tokenize_prompts
+from drpo_core.models.generator import OneStepGenerator, tokenize_prompts
 
 
 @dataclass(frozen=True)

@@ -12,11 +12,11 @@ import contextlib
 import torch
 
 from drpo_core.config import AlgoConfig, TrainerConfig
-from drpo_core.features import FeatureEncoder
-from drpo_core.generator import OneStepGenerator
-from drpo_core.groups import CandidateGroup
-from drpo_core.loss import drpo_group_loss
-from drpo_core.ranking import select_anchors
+from drpo_core.features.common import FeatureEncoder
+from drpo_core.models.generator import OneStepGenerator
+from drpo_core.algorithms.groups import CandidateGroup
+from drpo_core.algorithms.loss import drpo_group_loss
+from drpo_core.algorithms.ranking import select_anchors
 
 
 def autocast_context(device: torch.device, mixed_precision: str):

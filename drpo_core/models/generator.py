@@ -28,9 +28,9 @@ from pathlib import Path
 import torch
 
 from drpo_core.config import LoraConfig, ModelConfig
-from drpo_core.model_arch import KIND_PIPELINE, ModelLoadError, check_architecture
-from drpo_core.speed import LoraMerger, apply_speed_options
-from drpo_core.tiny_models import tiny_sd_turbo_path, tiny_sdxl_path
+from drpo_core.models.model_arch import KIND_PIPELINE, ModelLoadError, check_architecture
+from drpo_core.models.speed import LoraMerger, apply_speed_options
+from drpo_core.models.tiny_models import tiny_sd_turbo_path, tiny_sdxl_path
 
 __all__ = ["ModelLoadError", "OneStepGenerator", "load_generator", "candidate_noise", "resolve_model_path"]
 
@@ -288,7 +288,7 @@ class OneStepGenerator:
 def load_generator(model_cfg: ModelConfig, lora_cfg: LoraConfig) -> OneStepGenerator:
     """The generator class for ``model_cfg.kind`` (sd-turbo → OneStepGenerator, sdxl-turbo → SdxlOneStepGenerator)."""
     if model_cfg.kind == "sdxl-turbo":
-        from drpo_core.generator_sdxl import SdxlOneStepGenerator
+        from drpo_core.models.generator_sdxl import SdxlOneStepGenerator
 
         return SdxlOneStepGenerator(model_cfg, lora_cfg)
     return OneStepGenerator(model_cfg, lora_cfg)

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from drpo_core.generator import OneStepGenerator
-from drpo_core.groups import CandidateGroup
+from drpo_core.models.generator import OneStepGenerator
+from drpo_core.algorithms.groups import CandidateGroup
 
 
 class CandidateSampler:

@@ -22,9 +22,9 @@ import re
 import torch
 from torch.nn import functional as F
 
-from drpo_core.features import FeatureDict, multiscale_mean_std
-from drpo_core.generator import candidate_noise
-from drpo_core.speed import gradient_checkpointing_off
+from drpo_core.features.common import FeatureDict, multiscale_mean_std
+from drpo_core.models.generator import candidate_noise
+from drpo_core.models.speed import gradient_checkpointing_off
 
 
 class _EnoughFeatures(Exception):

@@ -8,46 +8,11 @@ and ``<layer>_mean_4`` / ``_std_4`` (4×4-pixel patches).
 
 from __future__ import annotations
 
-from typing import Protocol
-
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-FeatureDict = dict[str, torch.Tensor]
-
-
-class FeatureEncoder(Protocol):
-    """Frozen φ: latents `[N, C, h, w]` → ``{key: [N, L, D]}``; differentiable w.r.t. its input."""
-
-    def __call__(self, latents: torch.Tensor) -> FeatureDict: ...
-
-
-def multiscale_mean_std(fmap: torch.Tensor, prefix: str, patch_sizes: tuple[int, ...] = (2, 4), eps: float = 1e-6) -> FeatureDict:
-    """Global and patch-pooled per-channel mean/std of a feature map.
-
-    Args:
-        fmap: `[N, C, H, W]`.
-        prefix: key prefix (the layer name, e.g. ``layer4``).
-        patch_sizes: side lengths p of the non-overlapping p×p patches; H and W must be divisible.
-
-    Returns:
-        ``{prefix_mean: [N, 1, C], prefix_std: [N, 1, C], prefix_mean_p: [N, HW/p², C], ...}``.
-    """
-    N, C, H, W = fmap.shape
-    out = {
-        f"{prefix}_mean": fmap.mean(dim=(2, 3))[:, None],
-        f"{prefix}_std": (fmap.var(dim=(2, 3), unbiased=False) + eps).sqrt()[:, None],
-    }
-    for p in patch_sizes:
-        if H % p or W % p:
-            raise ValueError(f"feature map {H}x{W} of {prefix!r} is not divisible into {p}x{p} patches")
-        mean = F.avg_pool2d(fmap, p)  # [N, C, H/p, W/p]
-        var = (F.avg_pool2d(fmap * fmap, p) - mean * mean).clamp_min(0)
-        out[f"{prefix}_mean_{p}"] = mean.flatten(2).transpose(1, 2)
-        out[f"{prefix}_std_{p}"] = (var + eps).sqrt().flatten(2).transpose(1, 2)
-    return out
-
+from drpo_core.features.common import FeatureDict, multiscale_mean_std
 
 def _norm(groups: int, channels: int) -> nn.Module:
     """GroupNorm, or nothing when ``groups == 0`` (see LatentResNetEncoder on why)."""
@@ -116,31 +81,3 @@ class LatentResNetEncoder(nn.Module):
         with fork:
             torch.manual_seed(seed)
             return cls(**kwargs)
-
-
-def build_encoder(cfg, in_channels: int, device: torch.device, generator=None) -> FeatureEncoder:
-    """The frozen φ named by a :class:`drpo_core.config.FeaturesConfig`.
-
-    ``unet_hidden`` (the generator's own UNet, adapter disabled) and ``dinov2`` / ``vit_mae`` (VAE
-    decode inside the gradient path) need ``generator``; ``latent_resnet`` needs only the latent channels.
-    """
-    if cfg.kind == "latent_resnet":
-        kwargs = dict(in_channels=in_channels, width=cfg.width, stage_blocks=tuple(cfg.stage_blocks),
-                      downsample=cfg.downsample, groups=cfg.groups, patch_sizes=tuple(cfg.patch_sizes))
-        encoder = LatentResNetEncoder.random_frozen(cfg.seed, **kwargs)
-        if cfg.checkpoint:
-            from drpo_core.latent_mae import load_latent_resnet_checkpoint
-
-            desc = f"in_channels={in_channels}, width={cfg.width}, stage_blocks={list(cfg.stage_blocks)}"
-            load_latent_resnet_checkpoint(encoder, cfg.checkpoint, desc)
-        return encoder.to(device)
-    if generator is None:
-        raise ValueError(f"features.kind {cfg.kind!r} runs on the generator's own modules; pass generator=")
-    if cfg.kind == "unet_hidden":
-        from drpo_core.features_unet import UnetHiddenEncoder
-
-        return UnetHiddenEncoder(generator, layers=cfg.layers, timestep=cfg.timestep, noise_scale=cfg.noise_scale,
-                                 grid=cfg.pool_grid, patch_sizes=tuple(cfg.patch_sizes), seed=cfg.seed)
-    from drpo_core.features_pixel import PixelViTEncoder
-
-    return PixelViTEncoder(cfg.kind, cfg.path, generator, layers=cfg.layers, patch_sizes=tuple(cfg.patch_sizes))

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from drpo_core.features import FeatureDict, multiscale_mean_std
+from drpo_core.features.common import FeatureDict, multiscale_mean_std
 
 DEFAULT_PATHS = {"dinov2": "facebook/dinov2-base", "vit_mae": "facebook/vit-mae-base"}
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
