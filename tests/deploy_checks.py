@@ -1,6 +1,6 @@
 """Checks for the deployment artefacts that no tool here can run: KubeRay's admission rules, PromQL names.
 
-* :func:`crd_validator` — the ``v1`` openAPIV3Schema of a KubeRay CRD (shared/kuberay-crds, v1.7.0) as a
+* :func:`crd_validator` — the ``v1`` openAPIV3Schema of a KubeRay CRD (tests/data/kuberay-crds, v1.7.0) as a
   jsonschema validator, made strict like ``kubectl apply`` (field validation "Strict"): an unknown field
   is an error instead of being pruned silently.
 * :func:`kuberay_errors` — the rules KubeRay's webhook/controller enforce and the CRD cannot express
@@ -23,7 +23,7 @@ import jsonschema
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-CRD_DIR = ROOT.parent / "shared" / "kuberay-crds"
+CRD_DIR = ROOT / "tests" / "data" / "kuberay-crds"
 CRD_FILES = {"RayCluster": "ray.io_rayclusters.yaml", "RayJob": "ray.io_rayjobs.yaml", "RayService": "ray.io_rayservices.yaml"}
 DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 MAX_NAME = {"RayCluster": 53, "RayJob": 47, "RayService": 47}  # the operator appends 6 chars to job/service names
@@ -54,7 +54,7 @@ def _strict(schema):
 def crd_validator(kind: str) -> jsonschema.Draft7Validator:
     path = CRD_DIR / CRD_FILES[kind]
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: the KubeRay CRD copies live in shared/kuberay-crds beside the repo")
+        raise FileNotFoundError(f"{path} is missing: the KubeRay v1.7.0 CRD copies live in tests/data/kuberay-crds")
     crd = load_yaml_documents(path)[0]
     (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
     return jsonschema.Draft7Validator(_strict(version["schema"]["openAPIV3Schema"]))
