@@ -68,6 +68,20 @@ def configmap_config(tmp_path: Path, key: str = "config.yaml") -> Path:
 
 
 # -- KubeRay manifests ------------------------------------------------------------------------------
+
+CRD_SHA1 = {"ray.io_rayclusters.yaml": "a76858808024607780ff6bd4580da2d0d31ef21e",
+            "ray.io_rayjobs.yaml": "42081e2bc447ff021fb5a4f45ec72381b97c66ef",
+            "ray.io_rayservices.yaml": "7f0d6a19807a71a084438fe61de233602ffde6ba"}
+
+
+def test_kuberay_crds_are_the_unmodified_v1_7_0_files_inside_the_repository():
+    import hashlib
+
+    from tests.deploy_checks import CRD_DIR
+
+    assert CRD_DIR.is_relative_to(ROOT), "the CRD copies must live inside the repository (a fresh clone has nothing beside it)"
+    assert {name: hashlib.sha1((CRD_DIR / name).read_bytes()).hexdigest() for name in CRD_SHA1} == CRD_SHA1
+
 def test_every_ray_manifest_passes_the_crd_schema_and_kuberay_rules():
     found = ray_manifests()
     assert {d["kind"] for _, d in found} >= {"RayCluster", "RayJob"}
