@@ -56,4 +56,4 @@ def print_run_summary(console: Console, steps: int, out: Path, result: dict) -> 
     if "eval_summary" in result:
         e = result["eval_summary"]
         console.print(f"  held-out reward: base {e['base_mean']:.4f} → policy {e['policy_mean']:.4f}, "
-                      f"paired gain {e['gain']:+.4f} ± {e['gain_se']:.4f} ({e['z']:.1f} s.e., n={e['n']})")
+                      f"paired gain {e['gain']:+.4f} ± {e['gain_se']:.4f} ({e['z']:.1f} s.e. clustered over {e['n_prompts']} prompts, n={e['n']})")

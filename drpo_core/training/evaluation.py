@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from drpo_core.algorithms.groups import stable_seed
+from drpo_core.training.statistics import clustered_mean
 
 
 def heldout_seeds(n: int, salt: str = "eval") -> list[int]:
@@ -29,6 +30,8 @@ def reward_table(generator, reward, prompts: list[str], seeds: list[int], base: 
 
 @dataclass
 class PairedResult:
+    """Base vs policy on the same prompts × seeds. Every ``*_se`` is prompt-clustered (see ``statistics``)."""
+
     base_mean: float
     policy_mean: float
     base_se: float
@@ -36,28 +39,27 @@ class PairedResult:
     gain: float
     gain_se: float
     z: float
-    n: int
+    n: int            # valid paired cells
+    n_prompts: int    # clusters behind the standard errors
 
     def as_dict(self) -> dict:
         return asdict(self)
 
 
 def paired_gain(base: torch.Tensor, policy: torch.Tensor) -> PairedResult:
-    """Mean gain over paired (prompt, seed) cells with its standard error; NaN cells dropped."""
-    b, p = base.flatten().double(), policy.flatten().double()
-    ok = ~(torch.isnan(b) | torch.isnan(p))
-    b, p = b[ok], p[ok]
-    n = int(ok.sum())
-    if n < 2:
-        raise ValueError("paired evaluation needs at least two valid cells")
-    d = p - b
+    """Mean gain over paired (prompt, seed) cells of `[P, S]` tables, with prompt-clustered standard errors.
 
-    def se(x: torch.Tensor) -> float:
-        return float(x.std(unbiased=True) / math.sqrt(n))
-
-    gain, gain_se = float(d.mean()), se(d)
-    return PairedResult(base_mean=float(b.mean()), policy_mean=float(p.mean()), base_se=se(b), policy_se=se(p),
-                        gain=gain, gain_se=gain_se, z=gain / gain_se if gain_se > 0 else float("inf") * (gain or 0), n=n)
+    A cell missing (NaN) on either side is dropped from both, so base, policy and gain use the same cells.
+    """
+    if base.shape != policy.shape:
+        raise ValueError(f"paired tables differ in shape: base {tuple(base.shape)} vs policy {tuple(policy.shape)}")
+    base, policy = base.reshape(base.shape[0], -1).double(), policy.reshape(policy.shape[0], -1).double()
+    missing = torch.isnan(base) | torch.isnan(policy)
+    base, policy = base.masked_fill(missing, math.nan), policy.masked_fill(missing, math.nan)
+    b, p, d = clustered_mean(base), clustered_mean(policy), clustered_mean(policy - base)
+    z = d.mean / d.se if d.se > 0 else math.copysign(math.inf, d.mean) if d.mean else 0.0
+    return PairedResult(base_mean=b.mean, policy_mean=p.mean, base_se=b.se, policy_se=p.se, gain=d.mean,
+                        gain_se=d.se, z=z, n=d.n_cells, n_prompts=d.n_prompts)
 
 
 @torch.no_grad()
