@@ -1,7 +1,7 @@
 """Scaling simulation: the real controller, pools and object store, with stage costs from one H200.
 
 Generator, reward and learner actors here sleep for the per-image costs measured in
-/work/shared/docs/gpu-anchor-costs.md (SD-Turbo, bf16, H200) instead of computing; everything else is
+docs/reference/gpu-anchor-costs.md (SD-Turbo, bf16, H200) instead of computing; everything else is
 the production runtime: RayRuntime, ReplicaPool, GroupPipeline, Controller.train_step, weights of the
 real LoRA size (3.3 M parameters) through the object store. It runs on a multi-node local cluster
 (ray.cluster_utils.Cluster) whose worker nodes advertise fake GPUs, one per replica.
