@@ -196,7 +196,21 @@ class TrainerConfig(Section):
 
 
 class OutputConfig(Section):
-    dir: str = "runs/default"
+    dir: str = Field("runs/default", description="run folder: config, metrics.jsonl, tensorboard/, samples/, checkpoints/")
+    tracker: Literal["tensorboard", "wandb", "both", "none"] = Field(
+        "tensorboard", description="live curves and sample grids: TensorBoard event files in <dir>/tensorboard, "
+        "Weights & Biases (pip install wandb), both, or none (metrics.jsonl is always written)")
+    run_name: str | None = Field(None, description="W&B run name (default: the run folder's name)")
+    wandb_project: str = Field("drpo", description="W&B project")
+    wandb_mode: Literal["online", "offline", "disabled"] | None = Field(
+        None, description="W&B mode; None lets WANDB_MODE / the login decide (offline: `wandb sync` later)")
+
+    @field_validator("dir")
+    @classmethod
+    def _dir_not_empty(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must name a folder (got an empty string)")
+        return v
 
 
 class RoleConfig(Section):

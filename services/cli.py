@@ -14,6 +14,22 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="Drifting Pre
 USER_ERROR = 2
 
 
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            typer.echo(f"drpo {version('drpo')}")
+        except PackageNotFoundError:  # a source checkout that was never pip-installed
+            typer.echo("drpo (not installed: run `pip install -e .`)")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(_: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="print the version and exit")) -> None:
+    """Drifting Preference Optimization for one-step generators."""
+
+
 def fail(message: str) -> None:
     """One line on stderr, exit code 2: the user's input is wrong; nothing is lost."""
     typer.echo(f"drpo: error: {message}", err=True)

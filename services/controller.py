@@ -27,7 +27,8 @@ from ray.exceptions import ObjectLostError, RayActorError, RayTaskError
 
 from drpo_core.config import DrpoConfig, dump_config
 from drpo_core.training.prompts import PromptSampler, training_prompts
-from drpo_core.training.reporting import MetricsWriter, plot_reward_curve
+from drpo_core.training.reporting import plot_reward_curve
+from drpo_core.training.tracking import RunTracker
 from drpo_core.training.trainer import group_stats
 from services.actors import LearnerRestartedError, running_stats
 from services.pipeline import GroupPipeline, TrackedGroup
@@ -73,30 +74,30 @@ class Controller:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(dump_config(self.cfg))
         self.restore()  # step, version and prompt position of the learner's checkpoint (step 0 when new)
-        if resume is None:
-            self.save_samples("step_0")
-        metrics = MetricsWriter(out / "metrics.jsonl")
+        tracker = RunTracker(out, self.cfg, start_step=self.step, resuming=resume is not None)  # the one writer, on the driver
         try:
+            if resume is None:
+                tracker.image("samples", self.save_samples("step_0"), 0)
             while self.step < tc.steps:
                 try:
                     stats = self.train_step()
                     if self.step % tc.log_every == 0 or self.step == tc.steps:
-                        metrics.write(stats)
+                        tracker.write(stats)
                         self.export(stats)
                     if on_step:
                         on_step(stats)
                     if self.step % tc.sample_every == 0 and self.step < tc.steps:
-                        self.save_samples(f"step_{self.step}")
+                        tracker.image("samples", self.save_samples(f"step_{self.step}"), self.step)
                     if self.step % tc.checkpoint_every == 0 or self.step == tc.steps:
                         self.save_checkpoint()
                 except LearnerLostError as e:  # plumbing: back to the last checkpoint, as a resumed job would
                     self.recover_learner(e)
+            return self.finish(tracker)
         except KeyboardInterrupt:
             self.checkpoint_interrupted()  # an interrupted run keeps its progress; --resume continues it
             raise
         finally:
-            metrics.close()
-        return self.finish()
+            tracker.close()
 
     def train_step(self) -> dict:
         t, timer, t0 = self.step, StageTimer(), time.perf_counter()
@@ -216,24 +217,27 @@ class Controller:
     def save_samples(self, name: str) -> str:
         return str(self.wait_learner(self.rt.learner.save_samples.remote(name), self.cfg.runtime.update_timeout_s))
 
-    def finish(self) -> dict:
+    def finish(self, tracker: RunTracker) -> dict:
         """The local trainer's final outputs: last checkpoint and grid, reward curve, before/after grid, held-out eval."""
         out, tc, timeout = self.output_dir, self.cfg.trainer, self.cfg.runtime.update_timeout_s
         checkpoint = out / "checkpoints" / f"step_{self.step}"
         if not (checkpoint / "state.json").is_file():
             self.save_checkpoint()
         final = {"samples": self.save_samples(f"step_{self.step}"), "checkpoint": str(checkpoint), "metrics": str(out / "metrics.jsonl")}
+        tracker.image("samples", final["samples"], self.step)
         final["reward_curve"] = str(plot_reward_curve(out / "metrics.jsonl", out / "plots" / "reward_curve.png"))
         final["before_after"] = str(self.wait_learner(self.rt.learner.save_before_after.remote(), timeout))
+        tracker.image("before_after", final["before_after"], self.step)
         if tc.heldout_eval_seeds:
             result = self.wait_learner(self.rt.learner.evaluate.remote(tc.heldout_eval_seeds), timeout)
             (out / "eval.json").write_text(json.dumps(result, indent=2))
             final["eval"], final["eval_summary"] = str(out / "eval.json"), result["overall"]
+            tracker.summary({f"eval/{k}": v for k, v in result["overall"].items()}, self.step)
         return final
 
     def step_stats(self, groups: list[TrackedGroup], lags: list[int], timer: StageTimer, step_s: float) -> dict:
         """The trainer's keys (reward stats of first-round candidates, time/*) plus timing, lag and fault counters."""
-        stats = group_stats([g.first_score for g in groups], self.reward_history)
+        stats = group_stats([g.first_score for g in groups], self.reward_history, {r.label: r.weight for r in self.cfg.rewards})
         if self.cfg.algo.binary_threshold is not None:
             stats["sampler/extra_rounds"] = float(sum(g.round for g in groups))
         for g in groups:

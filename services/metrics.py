@@ -37,9 +37,10 @@ METRICS: tuple[MetricSpec, ...] = (
     # progress
     MetricSpec("step", "drpo_step", G, "optimizer steps done"),
     MetricSpec("version", "drpo_version", G, "weight version of the learner (updates applied)"),
-    # rewards of the step's first-round candidates (NaN scores excluded)
-    MetricSpec("reward/mean", "drpo_reward_mean", G, "mean of the first reward over the step's candidates"),
-    MetricSpec("reward/std", "drpo_reward_std", G, "std of the first reward over the step's candidates"),
+    # rewards of the step's first-round candidates (NaN scores excluded); reward/mean is the weighted ensemble
+    # Σ_i w_i r_i / Σ_i w_i of rewards[] per candidate (one reward: its own mean), each reward on its own below
+    MetricSpec("reward/mean", "drpo_reward_mean", G, "mean over the step's candidates of the weighted reward ensemble"),
+    MetricSpec("reward/std", "drpo_reward_std", G, "std over the step's candidates of the weighted reward ensemble"),
     MetricSpec("reward/{reward}/mean", "drpo_reward_model_mean", G, "mean score of one reward model"),
     MetricSpec("reward/{reward}/missing", "drpo_reward_model_missing", G, "candidates without a score (NaN) this step"),
     MetricSpec("reward/{reward}/normalized", "drpo_reward_model_normalized", G, "step mean in std devs of the run's history"),

@@ -1,4 +1,4 @@
-"""`drpo train --local`: the single-process trainer with a rich progress bar and friendly errors."""
+"""`drpo train --local`: the single-process trainer with progress (bar or log lines) and friendly errors."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Callable
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 
 def check_output_dir(out: Path, resume: Path | None, fail: Callable[[str], None]) -> None:
@@ -20,28 +19,22 @@ def check_output_dir(out: Path, resume: Path | None, fail: Callable[[str], None]
 def run_local(cfg, resume: Path | None, fail: Callable[[str], None]) -> dict:
     from drpo_core.training.checkpoint import CheckpointError
     from drpo_core.models.generator import ModelLoadError
+    from drpo_core.training.tracking import TrackerError
     from drpo_core.training.trainer import DrpoTrainer, build_rewards
+    from services.progress import StepProgress
     from services.rewards import build_reward
 
-    console = Console(stderr=True)
+    console = Console(stderr=True, soft_wrap=True)  # log files: one line per message
     out = Path(cfg.output.dir)
     check_output_dir(out, resume, fail)
     try:
         trainer = DrpoTrainer(cfg, output_dir=out, rewards=build_rewards(cfg, builder=build_reward))
     except (ModelLoadError, ValueError) as e:
         fail(str(e))
-    progress = Progress(TextColumn("[bold]DrPO"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-                        TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False)
-    with progress:
-        task = progress.add_task("train", total=cfg.trainer.steps, info="", completed=0)
-
-        def on_step(stats: dict) -> None:
-            info = f"reward {stats.get('reward/mean', float('nan')):.4f}  loss {stats.get('loss', float('nan')):.2f}  {stats['time/step_s']:.2f}s/step"
-            progress.update(task, completed=stats["step"], info=info)
-
+    with StepProgress(console, cfg.trainer.steps, "DrPO", cfg.trainer.log_every) as progress:
         try:
-            result = trainer.run(on_step=on_step, resume=resume)
-        except CheckpointError as e:
+            result = trainer.run(on_step=progress.update, resume=resume)
+        except (CheckpointError, TrackerError) as e:
             fail(str(e))
     print_run_summary(console, trainer.step, out, result)
     return result

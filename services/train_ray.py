@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Callable
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from services.progress import StepProgress
 from services.train_local import check_output_dir, print_run_summary
 
 
@@ -21,12 +21,13 @@ def run_ray(cfg, resume: Path | None, fail: Callable[[str], None]) -> dict:
 
     from drpo_core.training.checkpoint import CheckpointError
     from drpo_core.models.generator import ModelLoadError, resolve_model_path
+    from drpo_core.training.tracking import TrackerError
     from services.controller import Controller
     from services.metrics import MetricsExporter
     from services.roles import PlacementError
     from services.runtime import LearnerStartError, PoolExhaustedError, RayRuntime, connect
 
-    console = Console(stderr=True)
+    console = Console(stderr=True, soft_wrap=True)  # log files: one line per message
     out = Path(cfg.output.dir)
     check_output_dir(out, resume, fail)
     try:
@@ -54,20 +55,11 @@ def run_ray(cfg, resume: Path | None, fail: Callable[[str], None]) -> dict:
         console.print(f"ray: {rt.generator.replicas} generator, {rt.reward.replicas} reward, 1 learner replica(s); "
                       f"max_staleness {rt.max_staleness}; cluster {have.get('CPU', 0):g} CPU, {have.get('GPU', 0):g} GPU, "
                       f"{len([n for n in ray.nodes() if n.get('Alive')])} node(s)")
-        progress = Progress(TextColumn("[bold]DrPO·ray"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-                            TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False)
         controller = Controller(cfg, runtime, out, exporter)
-        with progress:
-            task = progress.add_task("train", total=cfg.trainer.steps, info="", completed=0)
-
-            def on_step(stats: dict) -> None:
-                info = (f"reward {stats.get('reward/mean') or float('nan'):.4f}  loss {stats.get('loss', float('nan')):.2f}  "
-                        f"{stats['time/step_s']:.2f}s/step  lag {stats['lag/mean']:.1f}")
-                progress.update(task, completed=stats["step"], info=info)
-
+        with StepProgress(console, cfg.trainer.steps, "DrPO·ray", cfg.trainer.log_every) as progress:
             try:
-                result = controller.run(on_step=on_step, resume=resume)
-            except CheckpointError as e:
+                result = controller.run(on_step=lambda stats: progress.update(stats, f"lag {stats['lag/mean']:.1f}"), resume=resume)
+            except (CheckpointError, TrackerError) as e:
                 fail(str(e))
         print_run_summary(console, controller.step, out.resolve(), result)
         return result

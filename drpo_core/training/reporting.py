@@ -1,12 +1,10 @@
-"""Run outputs: metrics.jsonl, the reward curve and image grids."""
+"""Run outputs: metrics.jsonl and the reward curve (image grids: grids.py; TensorBoard / W&B: tracking.py)."""
 
 from __future__ import annotations
 
 import json
 import math
 from pathlib import Path
-
-import torch
 
 
 class MetricsWriter:
@@ -30,39 +28,48 @@ def read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
+def _moving_average(values: list[float], window: int) -> list[float]:
+    return [sum(values[max(0, i - window + 1):i + 1]) / len(values[max(0, i - window + 1):i + 1]) for i in range(len(values))]
+
+
 def plot_reward_curve(metrics_path: Path, out: Path, window: int = 20) -> Path:
+    """``reward/mean`` (the weighted ensemble) per step and smoothed; with several rewards, a second panel
+    has each reward's mean in standard deviations of its own history (``reward/<label>/normalized``)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in read_metrics(metrics_path) if r.get("reward/mean") is not None]
+    all_rows = read_metrics(metrics_path)
+    rows = [r for r in all_rows if r.get("reward/mean") is not None]
+    labels = sorted({k.split("/")[1] for r in all_rows for k in r if k.startswith("reward/") and k.endswith("/normalized")})
+    panels = 2 if len(labels) > 1 else 1
+    fig, axes = plt.subplots(panels, 1, figsize=(6, 3.5 * panels), dpi=100, squeeze=False)
+    ax = axes[0][0]
     steps = [r["step"] for r in rows]
     means = [r["reward/mean"] for r in rows]
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
-    ax.plot(steps, means, alpha=0.35, lw=1, label="reward/mean (per step)")
+    ensemble = "weighted reward ensemble" if len(labels) > 1 else "reward"
+    ax.plot(steps, means, alpha=0.35, lw=1, label=f"{ensemble} (per step)")
     if len(means) >= 2:
         w = max(1, min(window, len(means) // 5 or 1))
-        smooth = [sum(means[max(0, i - w + 1):i + 1]) / len(means[max(0, i - w + 1):i + 1]) for i in range(len(means))]
-        ax.plot(steps, smooth, lw=2, label=f"moving average ({w})")
+        ax.plot(steps, _moving_average(means, w), lw=2, label=f"moving average ({w})")
     ax.set_xlabel("step")
-    ax.set_ylabel("reward of sampled candidates")
+    ax.set_ylabel("reward, weighted ensemble" if len(labels) > 1 else "reward of sampled candidates")
     ax.grid(alpha=0.3)
     ax.legend(loc="best", fontsize=8)
+    if panels == 2:
+        ax = axes[1][0]
+        for label in labels:
+            pts = [(r["step"], r[f"reward/{label}/normalized"]) for r in all_rows if r.get(f"reward/{label}/normalized") is not None]
+            if pts:
+                w = max(1, min(window, len(pts) // 5 or 1))
+                ax.plot([p[0] for p in pts], _moving_average([p[1] for p in pts], w), lw=1.5, label=label)
+        ax.set_xlabel("step")
+        ax.set_ylabel("each reward (std devs of its history)")
+        ax.grid(alpha=0.3)
+        ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out)
     plt.close(fig)
     return out
-
-
-def save_grid(images: torch.Tensor, rows: int, path: Path, upscale: int = 2) -> Path:
-    """Save `[rows·cols, 3, H, W]` images in [0, 1] as one PNG grid (rows = prompts, cols = seeds)."""
-    from torchvision.utils import make_grid, save_image
-
-    if upscale > 1:
-        images = torch.nn.functional.interpolate(images, scale_factor=upscale, mode="nearest")
-    grid = make_grid(images, nrow=images.shape[0] // rows, padding=2, pad_value=1.0)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_image(grid, path)
-    return path

@@ -26,7 +26,9 @@ from drpo_core.training.learner import DrpoLearner
 from drpo_core.algorithms.normalizer import RunningStats
 from drpo_core.training.prompts import PromptSampler, heldout_prompts, prompt_metadata, training_prompts
 from drpo_core.algorithms.ranking import SKIP_TOO_FEW_NEGATIVES, SKIP_TOO_FEW_POSITIVES, select_anchors
-from drpo_core.training.reporting import MetricsWriter, plot_reward_curve, save_grid
+from drpo_core.training.grids import save_before_after, save_grid
+from drpo_core.training.reporting import plot_reward_curve
+from drpo_core.training.tracking import RunTracker
 from drpo_core.rewards import build_reward
 from drpo_core.training.sampler import CandidateSampler
 from drpo_core.training.scoring import RewardScorer
@@ -36,14 +38,19 @@ def build_rewards(cfg: DrpoConfig, builder: Callable = build_reward) -> dict[str
     return {r.label: (builder(r), r.weight) for r in cfg.rewards}
 
 
-def group_stats(groups: list[CandidateGroup], history: dict[str, RunningStats] | None = None) -> dict[str, float]:
+def group_stats(groups: list[CandidateGroup], history: dict[str, RunningStats] | None = None,
+                weights: dict[str, float] | None = None) -> dict[str, float]:
     """Reward statistics over each group's candidates (NaN = missing, excluded).
 
-    Raw means per reward, and — with ``history`` — the same mean in standard deviations of the run so
-    far (``normalized``), which puts rewards of different scales on one dashboard axis.
+    Per reward ``reward/<label>/mean`` (raw) and ``missing``, and — with ``history`` — the same mean in
+    standard deviations of the run so far (``normalized``), which puts rewards of different scales on one
+    axis. ``reward/mean`` and ``reward/std`` are of the ensemble score of each candidate,
+    ``r_j = Σ_i w_i r_ij / Σ_i w_i`` over the rewards i (``weights``, default equal; flow_grpo's weighted
+    sum of raw scores, divided by Σ w so that one reward alone is its own mean whatever its weight),
+    over the candidates that every reward scored; with one reward it is that reward's mean.
     """
     stats: dict[str, float] = {}
-    labels = groups[0].rewards.keys() if groups else []
+    labels = list(groups[0].rewards.keys()) if groups else []
     for label in labels:
         raw = torch.cat([g.rewards[label] for g in groups])
         valid = raw[~torch.isnan(raw)]
@@ -54,11 +61,13 @@ def group_stats(groups: list[CandidateGroup], history: dict[str, RunningStats] |
             if valid.numel():
                 stats[f"reward/{label}/normalized"] = running.normalize(stats[f"reward/{label}/mean"])
             running.update(valid)
-    first = next(iter(labels), None)
-    if first is not None:
-        stats["reward/mean"] = stats[f"reward/{first}/mean"]
-        raw = torch.cat([g.rewards[first] for g in groups])
-        stats["reward/std"] = float(raw[~torch.isnan(raw)].std()) if (~torch.isnan(raw)).sum() > 1 else 0.0
+    if labels:
+        w = {label: (weights or {}).get(label, 1.0) for label in labels}
+        total = sum(w.values()) or 1.0  # weights summing to 0: the plain weighted sum
+        ensemble = sum(w[label] * torch.cat([g.rewards[label] for g in groups]).double() for label in labels) / total
+        valid = ensemble[~torch.isnan(ensemble)]
+        stats["reward/mean"] = float(valid.mean()) if valid.numel() else float("nan")
+        stats["reward/std"] = float(valid.std()) if valid.numel() > 1 else 0.0
     return stats
 
 
@@ -89,7 +98,7 @@ class DrpoTrainer:
                                       metadata=self.metadata.get(prompt))
                   for slot, prompt in enumerate(prompts)]
         self.scorer.score(groups)
-        stats = group_stats(groups, self.reward_history)
+        stats = group_stats(groups, self.reward_history, {r.label: r.weight for r in self.cfg.rewards})
         if self.cfg.algo.binary_threshold is not None:
             stats["sampler/extra_rounds"] = float(self._extra_rounds(step, groups))
         return groups, stats
@@ -139,7 +148,7 @@ class DrpoTrainer:
         prompts = self.sample_prompts()
         seeds = heldout_seeds(self.cfg.trainer.eval_seeds, "grid")
         _, images = self.generator.generate([p for p in prompts for _ in seeds], [s for _ in prompts for s in seeds], base=base)
-        return save_grid(images, rows=len(prompts), path=self.output_dir / "samples" / f"{name}.png")
+        return save_grid(images, prompts, seeds, self.output_dir / "samples" / f"{name}.png")
 
     def save_before_after(self) -> Path:
         """Base (top rows) and current policy (bottom rows) on the same held-out prompts and seeds."""
@@ -148,7 +157,7 @@ class DrpoTrainer:
         pairs = ([p for p in prompts for _ in seeds], [s for _ in prompts for s in seeds])
         base = self.generator.generate(*pairs, base=True)[1]
         policy = self.generator.generate(*pairs)[1]
-        return save_grid(torch.cat([base, policy]), rows=2 * len(prompts), path=self.output_dir / "samples" / "before_after.png")
+        return save_before_after(base, policy, prompts, seeds, self.output_dir / "samples" / "before_after.png")
 
     def save_checkpoint(self) -> Path:
         return save_checkpoint(self.output_dir / "checkpoints" / f"step_{self.step}", generator=self.generator,
@@ -176,36 +185,44 @@ class DrpoTrainer:
         if resume is not None:  # restore first: a checkpoint that does not fit must leave the run folder untouched
             self.resume(latest_checkpoint(resume) or Path(resume))  # a run folder or one checkpoint folder
         (out / "config.yaml").write_text(dump_config(self.cfg))
-        if resume is None:
-            self.save_samples("step_0")
-        metrics = MetricsWriter(out / "metrics.jsonl")
+        tracker = RunTracker(out, self.cfg, start_step=self.step, resuming=resume is not None)  # metrics.jsonl + TensorBoard/W&B
         try:
+            if resume is None:
+                tracker.image("samples", self.save_samples("step_0"), 0)
             while self.step < tc.steps:
                 stats = self.train_step()
                 if self.step % tc.log_every == 0 or self.step == tc.steps:
-                    metrics.write(stats)
+                    tracker.write(stats)
                 if on_step:
                     on_step(stats)
                 if self.step % tc.sample_every == 0 and self.step < tc.steps:
-                    self.save_samples(f"step_{self.step}")
+                    tracker.image("samples", self.save_samples(f"step_{self.step}"), self.step)
                 if self.step % tc.checkpoint_every == 0 or self.step == tc.steps:
                     self.save_checkpoint()
+            return self.finish(tracker)
         except KeyboardInterrupt:
             if not self._mid_step:  # mid-step, the newest periodic checkpoint stays the restart point
                 self.save_checkpoint()  # an interrupted run keeps its progress; --resume continues it
             raise
         finally:
-            metrics.close()
+            tracker.close()
+
+    def finish(self, tracker: RunTracker) -> dict:
+        """Last checkpoint and grid, reward curve, before/after grid, held-out eval."""
+        out, tc = self.output_dir, self.cfg.trainer
         checkpoint = out / "checkpoints" / f"step_{self.step}"
         if not (checkpoint / "state.json").is_file():
             self.save_checkpoint()
         final = {"samples": str(self.save_samples(f"step_{self.step}")), "checkpoint": str(checkpoint),
                  "metrics": str(out / "metrics.jsonl")}
+        tracker.image("samples", final["samples"], self.step)
         final["reward_curve"] = str(plot_reward_curve(out / "metrics.jsonl", out / "plots" / "reward_curve.png"))
         final["before_after"] = str(self.save_before_after())
+        tracker.image("before_after", final["before_after"], self.step)
         if tc.heldout_eval_seeds:
             result = self.evaluate(tc.heldout_eval_seeds)
             (out / "eval.json").write_text(json.dumps(result, indent=2))
             final["eval"] = str(out / "eval.json")
             final["eval_summary"] = result["overall"]
+            tracker.summary({f"eval/{k}": v for k, v in result["overall"].items()}, self.step)
         return final
