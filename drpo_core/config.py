@@ -13,6 +13,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from drpo_core.overrides import ConfigError, _apply_override, _merge, parse_yaml  # noqa: F401 (re-exported)
+
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -301,34 +303,6 @@ class DrpoConfig(Section):
         return self
 
 
-class ConfigError(ValueError):
-    """A user error in the configuration; the message is one line naming the field and why."""
-
-
-def _merge(base: dict, override: dict) -> dict:
-    out = dict(base)
-    for key, value in override.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
-
-
-def _apply_override(tree: dict, assignment: str) -> dict:
-    if "=" not in assignment:
-        raise ConfigError(f"--set {assignment!r}: expected key.path=value")
-    path, raw = assignment.split("=", 1)
-    keys = path.strip().split(".")
-    if not all(keys):
-        raise ConfigError(f"--set {assignment!r}: empty key in {path!r}")
-    value = yaml.safe_load(raw) if raw.strip() else ""
-    node: dict = {}
-    leaf = node
-    for key in keys[:-1]:
-        leaf[key] = {}
-        leaf = leaf[key]
-    leaf[keys[-1]] = value
-    return _merge(tree, node)
-
-
 def format_validation_error(err: ValidationError) -> str:
     first = err.errors()[0]
     where = ".".join(str(p) for p in first["loc"]) or "config"
@@ -350,14 +324,15 @@ def load_config(files: list[str | Path] = (), overrides: list[str] = (), base: d
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
-            loaded = yaml.safe_load(path.read_text()) or {}
+            loaded = parse_yaml(path.read_text()) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {path} must hold a mapping at the top level")
         tree = _merge(tree, loaded)
+    defaults = DrpoConfig().model_dump(mode="json")  # lists the files did not set (rewards.0.weight=2) start from these
     for assignment in overrides:
-        tree = _apply_override(tree, assignment)
+        tree = _apply_override(tree, assignment, defaults)
     try:
         return DrpoConfig.model_validate(tree)
     except ValidationError as e:
