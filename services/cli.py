@@ -84,7 +84,7 @@ def serve_reward(
     reward: str = typer.Option("hue_fraction", "--reward", "-r", help="reward kind (as in rewards[].kind)"),
     set_: list[str] = typer.Option([], "--set", "-s", help="reward field, e.g. --set options.min_saturation=0.3 or --set path=/models/hps"),
     host: str = typer.Option("127.0.0.1", "--host", help="address to listen on (0.0.0.0 for all interfaces)"),
-    port: int = typer.Option(8000, "--port", "-p", min=1, max=65535),
+    port: int = typer.Option(8000, "--port", "-p", help="1-65535"),  # range checked by serve_reward: one error line
     token_env: Optional[str] = typer.Option(None, "--token-env", help="environment variable holding the bearer token clients must send"),
     grpc: bool = typer.Option(False, "--grpc", help="serve drpo.reward.v1.RewardService over gRPC instead of JSON over HTTP"),
     metrics_port: Optional[int] = typer.Option(None, "--metrics-port", help="--grpc only: serve Prometheus /metrics on this port"),
@@ -107,8 +107,14 @@ def export(
                                        "(LoRA fused), loadable with AutoPipelineForText2Image.from_pretrained(OUT)"),
 ) -> None:
     """Export a checkpoint for stock diffusers: LoRA weights and, optionally, a full pipeline folder."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
     from drpo_core.models.export import export_checkpoint
 
+    if not os.environ.get("DRPO_VERBOSE"):  # "Loading pipeline components" bars: diffusers' own switch, not HF_HUB's
+        diffusers_logging.disable_progress_bar()
+        transformers_logging.disable_progress_bar()
     try:
         written = export_checkpoint(checkpoint, out, full_pipeline=full_pipeline)
     except ValueError as e:  # ExportError, ModelLoadError (base model missing)
@@ -117,9 +123,26 @@ def export(
         typer.echo(f"{what:11s} {path}")
 
 
+def quiet_libraries() -> None:
+    """Library chatter off: loading bars and advice meant for library developers hide our one-line messages
+    (DRPO_VERBOSE=1 keeps them, for debugging a load)."""
+    if os.environ.get("DRPO_VERBOSE"):
+        return
+    import logging
+    import warnings
+
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    for name in ("diffusers", "transformers", "peft", "huggingface_hub"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", module=r"(diffusers|transformers|peft|huggingface_hub)\b")
+
+
 def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # our own progress bar is the one to read
+    quiet_libraries()
     app(prog_name="drpo")
 
 

@@ -42,21 +42,21 @@ class StepProgress:
         if console.is_terminal:
             self.bar = Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
                                 TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False)
-        self._start = self._first_step = None
+        self._start = self._first_step = self.task = None
 
     def __enter__(self) -> "StepProgress":
-        if self.bar is not None:
-            self.bar.__enter__()
-            self.task = self.bar.add_task("train", total=self.total, info="", completed=0)
-        return self
+        return self  # the bar appears with the first step: an error while loading or resuming prints alone
 
     def __exit__(self, *exc) -> None:
-        if self.bar is not None:
+        if self.bar is not None and self.task is not None:
             self.bar.__exit__(*exc)
 
     def update(self, stats: dict, extra: str = "") -> None:
         step = int(stats["step"])
         if self.bar is not None:
+            if self.task is None:
+                self.bar.__enter__()
+                self.task = self.bar.add_task("train", total=self.total, info="", completed=0)
             info = (f"reward {_num(stats.get('reward/mean'), '.4f')}  loss {_num(stats.get('loss'), '.2f')}  "
                     f"{_num(stats.get('time/step_s'), '.2f')}s/step" + (f"  {extra}" if extra else ""))
             self.bar.update(self.task, completed=step, info=info)

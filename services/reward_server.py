@@ -180,12 +180,14 @@ def reward_config_from_cli(kind: str, overrides: list[str]) -> RewardConfig:
         raise ConfigError(f"reward {format_validation_error(e)}") from None
 
 
-def check_port_free(host: str, port: int) -> None:
+def check_port_free(host: str, port: int, option: str = "--port") -> None:
+    if not 1 <= port <= 65535:
+        raise ValueError(f"{option} {port}: not a TCP port (1-65535)")
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as probe:
         try:
             probe.bind((host, port))
         except OSError as e:
-            raise ValueError(f"cannot listen on {host}:{port} ({e.strerror}); choose another --port") from None
+            raise ValueError(f"cannot listen on {host}:{port} ({e.strerror}); choose another {option}") from None
 
 
 def serve_reward(cfg: RewardConfig, host: str, port: int, token_env: str | None = None, use_grpc: bool = False,
@@ -201,9 +203,9 @@ def serve_reward(cfg: RewardConfig, host: str, port: int, token_env: str | None 
         raise ValueError(f"--token-env: environment variable {token_env} is not set")
     if metrics_port is not None and not use_grpc:
         raise ValueError("--metrics-port is for --grpc; the HTTP server serves /metrics on its own port")
-    for needed in (port, metrics_port):  # before building the reward, which may load a large model
+    for needed, option in ((port, "--port"), (metrics_port, "--metrics-port")):  # before building the reward (a large model)
         if needed is not None:
-            check_port_free(host, needed)
+            check_port_free(host, needed, option)
     if token is None and host not in ("127.0.0.1", "localhost", "::1"):
         print(f"drpo: warning: serving on {host} without --token-env: anyone who can reach the port can use it",
               file=sys.stderr, flush=True)

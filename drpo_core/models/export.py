@@ -60,7 +60,7 @@ def export_checkpoint(checkpoint: Path, out: Path, full_pipeline: bool = False) 
 
         dtype = getattr(torch, model["dtype"])
         try:
-            pipe = getattr(diffusers, KIND_PIPELINE[model["kind"]]).from_pretrained(base_path, torch_dtype=dtype)
+            pipe = getattr(diffusers, KIND_PIPELINE[model["kind"]]).from_pretrained(base_path, dtype=dtype)
         except (OSError, ValueError) as e:
             raise ExportError(f"cannot load the base model {model['path']!r} the checkpoint was trained on: "
                               f"{str(e).splitlines()[0]}") from None
@@ -69,7 +69,7 @@ def export_checkpoint(checkpoint: Path, out: Path, full_pipeline: bool = False) 
             pipe.fuse_lora()
             pipe.unload_lora_weights()  # keeps the fused weights, drops the adapter modules
         else:
-            pipe.register_modules(unet=diffusers.UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=dtype))
+            pipe.register_modules(unet=diffusers.UNet2DConditionModel.from_pretrained(folder / "unet", dtype=dtype))
         pipe.save_pretrained(out)
         written["pipeline"] = str(out)
     provenance = {"checkpoint": str(folder.resolve()), "step": state["step"], "version": state["version"],

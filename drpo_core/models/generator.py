@@ -125,9 +125,9 @@ class OneStepGenerator:
         from transformers import CLIPTextModel, CLIPTokenizer
 
         self.tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
-        self.text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", torch_dtype=self.dtype)
-        self.vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=self.dtype)
-        self.unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=self.dtype)
+        self.text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", dtype=self.dtype)
+        self.vae = AutoencoderKL.from_pretrained(path, subfolder="vae", dtype=self.dtype)
+        self.unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", dtype=self.dtype)
         return DDPMScheduler.from_pretrained(path, subfolder="scheduler")
 
     def frozen_modules(self) -> list[torch.nn.Module]:

@@ -123,11 +123,20 @@ def load_checkpoint(folder: Path, *, generator, learner) -> dict:
                               f"{generator.cfg.path!r}: {diff})")
     if state["lora"]["enabled"] != generator.lora_cfg.enabled:
         raise CheckpointError(f"checkpoint {folder} has lora.enabled={state['lora']['enabled']}, config has {generator.lora_cfg.enabled}")
+    if generator.lora_cfg.enabled:  # the shape-defining LoRA fields, named, instead of a state-dict size mismatch
+        ours_lora = generator.lora_cfg.model_dump(mode="json")
+        differ = [f"lora.{k}={state['lora'][k]!r} (config: {ours_lora[k]!r})" for k in ("rank", "target_modules")
+                  if k in state["lora"] and state["lora"][k] != ours_lora[k]]
+        if differ:
+            raise CheckpointError(f"checkpoint {folder} was trained with {', '.join(differ)}; resume with the checkpoint's "
+                                  "LoRA settings, or start a new run (lora.init_from starts from its weights)")
     trainable = load_file(str(folder / "trainable.safetensors"))
     try:
         generator.load_trainable_state_dict({k: v.to(generator.device) for k, v in trainable.items()})
     except (RuntimeError, ValueError) as e:
-        raise CheckpointError(f"checkpoint {folder} does not fit this model: {str(e).splitlines()[0]}") from None
+        detail = next((line.strip() for line in str(e).splitlines() if "mismatch" in line or "Missing" in line or "Unexpected" in line),
+                      str(e).splitlines()[0])
+        raise CheckpointError(f"checkpoint {folder} does not fit this model: {detail}") from None
     tensors = load_file(str(folder / "optimizer.safetensors"))
     learner.load_state({"optimizer": _unflatten_optimizer(tensors, state["optimizer"]),
                         "scheduler": state["scheduler"], "version": state["version"], "scaler": state.get("scaler")})
