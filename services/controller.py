@@ -233,6 +233,7 @@ class Controller:
             (out / "eval.json").write_text(json.dumps(result, indent=2))
             final["eval"], final["eval_summary"] = str(out / "eval.json"), result["overall"]
             tracker.summary({f"eval/{k}": v for k, v in result["overall"].items()}, self.step)
+            self.export({f"eval/{k}": v for k, v in result["overall"].items() if isinstance(v, (int, float))})
         return final
 
     def step_stats(self, groups: list[TrackedGroup], lags: list[int], timer: StageTimer, step_s: float) -> dict:
@@ -245,7 +246,7 @@ class Controller:
                 stats[k] = stats.get(k, 0.0) + v
         wait_update = timer["timing/wait_update_s"] + timer["timing/publish_s"]
         stats.update(timer)
-        stats.update({"step": self.step, "version": self.weights.version, "time/sample_score_s": timer["timing/wait_groups_s"],
+        stats.update({"step": self.step, "trainer/steps": self.cfg.trainer.steps, "version": self.weights.version, "time/sample_score_s": timer["timing/wait_groups_s"],
                       "time/update_s": wait_update, "time/step_s": step_s,
                       "timing/generate_s": sum(g.generate_s for g in groups), "timing/score_s": sum(g.score_s for g in groups),
                       "timing/weights_sync_s": sum(g.sync_s for g in groups),

@@ -2,7 +2,7 @@
 
 A key ``a/b_s`` becomes ``drpo_a_b_seconds``; a path segment in braces (``reward/{reward}/mean``) becomes
 a label, so a run with two rewards exports ``drpo_reward_model_mean{reward="hps"}`` and
-``{reward="clip"}``. Cumulative totals are counters (``_total``); ``lag/groups`` (the policy lag of
+``{reward="clip"}``; every series also has ``run``. Cumulative totals are counters (``_total``); ``lag/groups`` (the policy lag of
 every prompt group of the step) feeds a histogram. The controller serves them with prometheus_client
 on ``runtime.metrics_port`` (0 = off). Dashboards and alerts query exactly these names.
 """
@@ -36,11 +36,14 @@ G, C, H = "gauge", "counter", "histogram"
 METRICS: tuple[MetricSpec, ...] = (
     # progress
     MetricSpec("step", "drpo_step", G, "optimizer steps done"),
+    MetricSpec("trainer/steps", "drpo_trainer_steps", G, "trainer.steps: the step the run ends at (progress, ETA)"),
     MetricSpec("version", "drpo_version", G, "weight version of the learner (updates applied)"),
     # rewards of the step's first-round candidates (NaN scores excluded); reward/mean is the weighted ensemble
     # Σ_i w_i r_i / Σ_i w_i of rewards[] per candidate (one reward: its own mean), each reward on its own below
     MetricSpec("reward/mean", "drpo_reward_mean", G, "mean over the step's candidates of the weighted reward ensemble"),
     MetricSpec("reward/std", "drpo_reward_std", G, "std over the step's candidates of the weighted reward ensemble"),
+    MetricSpec("reward/std_within_prompt", "drpo_reward_std_within_prompt", G,
+               "ensemble std among one prompt's candidates, averaged over the step's prompts (no between-prompt spread)"),
     MetricSpec("reward/{reward}/mean", "drpo_reward_model_mean", G, "mean score of one reward model"),
     MetricSpec("reward/{reward}/missing", "drpo_reward_model_missing", G, "candidates without a score (NaN) this step"),
     MetricSpec("reward/{reward}/normalized", "drpo_reward_model_normalized", G, "step mean in std devs of the run's history"),
@@ -84,6 +87,8 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("pool/{pool}/replicas", "drpo_pool_replicas", G, "live replicas of a pool"),
     MetricSpec("pool/{pool}/restarts", "drpo_pool_restarts", C, "replica restarts (by Ray or replaced by the pool)"),
     MetricSpec("pool/{pool}/timeouts", "drpo_pool_timeouts", C, "calls that ran past runtime.request_timeout_s"),
+    # the held-out base-vs-policy evaluation, exported once at the end of the run
+    MetricSpec("eval/{stat}", "drpo_eval", G, "held-out evaluation: base_mean, policy_mean, gain, gain_se, z, n, n_prompts"),
 )
 LAG_BUCKETS = (0, 1, 2, 3, 4, 6, 8, 16)
 
@@ -98,18 +103,23 @@ def spec_for(key: str) -> tuple[MetricSpec, dict[str, str]] | None:
 
 
 class MetricsExporter:
-    """Holds the Prometheus objects of :data:`METRICS` in its own registry; :meth:`export` takes one step's stats."""
+    """Holds the Prometheus objects of :data:`METRICS` in its own registry; :meth:`export` takes one step's stats.
 
-    def __init__(self):
+    Every series carries ``run`` (output.run_name, else the run folder's name): two runs that reuse one pod
+    address stay two series, and a resumed run (same folder) continues its own."""
+
+    def __init__(self, run: str = ""):
         self.registry = CollectorRegistry()
+        self.run = run
         self._metrics = {}
         for s in METRICS:
+            labels = (*s.labels, "run")
             if s.kind == G:
-                self._metrics[s.name] = Gauge(s.name, s.help, s.labels, registry=self.registry)
+                self._metrics[s.name] = Gauge(s.name, s.help, labels, registry=self.registry)
             elif s.kind == C:
-                self._metrics[s.name] = Counter(s.name, s.help, s.labels, registry=self.registry)
+                self._metrics[s.name] = Counter(s.name, s.help, labels, registry=self.registry)
             else:
-                self._metrics[s.name] = Histogram(s.name, s.help, s.labels, buckets=LAG_BUCKETS, registry=self.registry)
+                self._metrics[s.name] = Histogram(s.name, s.help, labels, buckets=LAG_BUCKETS, registry=self.registry)
         self._totals: dict[tuple, float] = {}
         self._server = None
 
@@ -122,7 +132,7 @@ class MetricsExporter:
                 unmapped.append(key)
                 continue
             spec, labels = found
-            metric = self._metrics[spec.name].labels(**labels) if labels else self._metrics[spec.name]
+            metric = self._metrics[spec.name].labels(**labels, run=self.run)
             if value is None:
                 continue
             if spec.kind == G:

@@ -41,7 +41,7 @@ def run_ray(cfg, resume: Path | None, fail: Callable[[str], None]) -> dict:
     exporter, runtime = None, None
     try:
         if cfg.runtime.metrics_port:
-            exporter = MetricsExporter()
+            exporter = MetricsExporter(run=cfg.output.run_name or out.name)
             try:
                 exporter.serve(cfg.runtime.metrics_port, cfg.runtime.metrics_host)
             except OSError as e:

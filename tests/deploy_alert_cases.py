@@ -33,7 +33,10 @@ ALERT_CASES = [
     {"alert": "DrpoRewardStalled", "at": "2h30m", "series": {
         "drpo_reward_mean" + c("bad"): "0.5x180", "drpo_step" + c("bad"): "0+1x180",
         "drpo_reward_mean" + c("good"): "0.3+0.001x180", "drpo_step" + c("good"): "0+1x180",
-        "drpo_reward_mean" + c("idle"): "0.5x180", "drpo_step" + c("idle"): "7x180"},  # no steps: not stalled, stopped
+        "drpo_reward_mean" + c("idle"): "0.5x180", "drpo_step" + c("idle"): "7x180",  # no steps: not stalled, stopped
+        # a plateau past half of trainer.steps is convergence, not a stall
+        "drpo_reward_mean" + c("converged"): "0.5x180", "drpo_step" + c("converged"): "600+1x180",
+        **{"drpo_trainer_steps" + c(i): "1000x180" for i in ("bad", "good", "idle", "converged")}},
      "fire": [{**CTRL, "severity": "warning"}]},
     {"alert": "DrpoLossNotFinite", "at": "5m", "series": {
         "drpo_loss" + c("bad"): "1 1 NaN NaN NaN NaN", "drpo_loss" + c("inf"): "1 1 +Inf +Inf +Inf +Inf",

@@ -382,6 +382,19 @@ def test_promtool_checks_the_config_and_the_rules():
     assert f"SUCCESS: {len(rule_expressions())} rules found" in rules.stdout
 
 
+def test_prometheus_rule_manifest_is_rules_yml_for_the_operator(tmp_path):
+    rule = one("prometheusrule.drpo.yaml", "PrometheusRule")
+    assert rule["apiVersion"] == "monitoring.coreos.com/v1" and set(rule["spec"]) == {"groups"}
+    assert rule["spec"]["groups"] == yaml.safe_load((PROM / "rules.yml").read_text())["groups"], \
+        "regenerate k8s/prometheusrule.drpo.yaml from rules.yml (command in its header)"
+    monitors = docs("podmonitor.yaml")
+    assert all(rule["metadata"]["labels"]["release"] == m["metadata"]["labels"]["release"] for m in monitors)
+    wrapped = tmp_path / "rules.yml"
+    wrapped.write_text(yaml.safe_dump({"groups": rule["spec"]["groups"]}))
+    checked = subprocess.run([prometheus_tool("promtool"), "check", "rules", str(wrapped)], capture_output=True, text=True, timeout=60)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
 def test_every_alert_fires_on_its_condition_and_stays_quiet_otherwise(tmp_path):
     promtool = prometheus_tool("promtool")
     alerts = {name for name, _ in rule_expressions() if ":" not in name}
@@ -406,7 +419,7 @@ def live(tmp_path_factory):
 
 def substitute(expr: str) -> str:
     """Grafana's variables as an "All" selection would expand them."""
-    expansions = {"$__rate_interval": "20s", "$controller": ".*", "$reward_server": ".*", "$ray_cluster": ".*"}
+    expansions = {"$__rate_interval": "20s", "$controller": ".*", "$run": ".*", "$reward_server": ".*", "$ray_cluster": ".*"}
     for variable, value in expansions.items():
         expr = expr.replace(variable, value)
     return expr

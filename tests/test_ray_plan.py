@@ -87,7 +87,7 @@ def test_metric_table_follows_the_naming_rule():
 
 
 def test_exporter_serves_the_step_on_its_port():
-    exporter = MetricsExporter()
+    exporter = MetricsExporter(run="r1")  # every series carries the run's name
     port = exporter.serve(0, "127.0.0.1")
     try:
         unmapped = exporter.export({"reward/mean": 0.25, "timing/update_s": 1.5, "reward/hue_fraction/missing": 2.0,
@@ -97,10 +97,10 @@ def test_exporter_serves_the_step_on_its_port():
         text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
     finally:
         exporter.close()
-    assert "drpo_reward_mean 0.25" in text and "drpo_timing_update_seconds 1.5" in text
-    assert 'drpo_reward_model_missing{reward="hue_fraction"} 2.0' in text
-    assert "drpo_runtime_groups_reissued_total 5.0" in text and 'drpo_pool_restarts_total{pool="reward"} 1.0' in text
-    assert 'drpo_policy_lag_versions_bucket{le="0.0"} 1.0' in text and "drpo_policy_lag_versions_count 3.0" in text
+    assert 'drpo_reward_mean{run="r1"} 0.25' in text and 'drpo_timing_update_seconds{run="r1"} 1.5' in text
+    assert 'drpo_reward_model_missing{reward="hue_fraction",run="r1"} 2.0' in text
+    assert 'drpo_runtime_groups_reissued_total{run="r1"} 5.0' in text and 'drpo_pool_restarts_total{pool="reward",run="r1"} 1.0' in text
+    assert 'drpo_policy_lag_versions_bucket{le="0.0",run="r1"} 1.0' in text and 'drpo_policy_lag_versions_count{run="r1"} 3.0' in text
 
 
 # -- weights ----------------------------------------------------------------------------------------

@@ -137,7 +137,7 @@ def test_synchronous_steps_equal_the_trainer_and_a_killed_job_resumes_through_th
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_1"]
     assert set(reference["stats"][0]) <= set(rows[0])  # the trainer's keys, plus timing/lag/runtime/pool
     assert all(spec_for(k) for k in rows[0]), [k for k in rows[0] if not spec_for(k)]  # each has a Prometheus metric
-    assert exporter.registry.get_sample_value("drpo_reward_mean") == pytest.approx(rows[1]["reward/mean"])
+    assert exporter.registry.get_sample_value("drpo_reward_mean", {"run": ""}) == pytest.approx(rows[1]["reward/mean"])
     assert grid_pixels(out / "samples" / "step_0.png").sub(grid_pixels(reference["grid"])).abs().max() <= 1
 
     env = dict(os.environ, RAY_ADDRESS=ray_cluster.address, PYTHONPATH=str(ROOT))

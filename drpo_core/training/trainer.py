@@ -48,6 +48,7 @@ def group_stats(groups: list[CandidateGroup], history: dict[str, RunningStats] |
     ``r_j = Σ_i w_i r_ij / Σ_i w_i`` over the rewards i (``weights``, default equal; flow_grpo's weighted
     sum of raw scores, divided by Σ w so that one reward alone is its own mean whatever its weight),
     over the candidates that every reward scored; with one reward it is that reward's mean.
+    ``reward/std_within_prompt`` is the ensemble's std among one prompt's candidates, averaged over prompts.
     """
     stats: dict[str, float] = {}
     labels = list(groups[0].rewards.keys()) if groups else []
@@ -64,10 +65,12 @@ def group_stats(groups: list[CandidateGroup], history: dict[str, RunningStats] |
     if labels:
         w = {label: (weights or {}).get(label, 1.0) for label in labels}
         total = sum(w.values()) or 1.0  # weights summing to 0: the plain weighted sum
-        ensemble = sum(w[label] * torch.cat([g.rewards[label] for g in groups]).double() for label in labels) / total
-        valid = ensemble[~torch.isnan(ensemble)]
+        per_group = [sum(w[label] * g.rewards[label].double() for label in labels) / total for g in groups]
+        valid = torch.cat(per_group)[~torch.isnan(torch.cat(per_group))]
         stats["reward/mean"] = float(valid.mean()) if valid.numel() else float("nan")
         stats["reward/std"] = float(valid.std()) if valid.numel() > 1 else 0.0
+        within = [float(e[~torch.isnan(e)].std()) for e in per_group if (~torch.isnan(e)).sum() > 1]
+        stats["reward/std_within_prompt"] = sum(within) / len(within) if within else 0.0  # spread the ranking sees
     return stats
 
 
@@ -127,7 +130,7 @@ class DrpoTrainer:
         stats.update(self.scorer.pop_stats())
         self.step += 1
         t2 = time.perf_counter()
-        stats.update({"step": self.step, "version": self.learner.version, "time/sample_score_s": t1 - t0,
+        stats.update({"step": self.step, "trainer/steps": self.cfg.trainer.steps, "version": self.learner.version, "time/sample_score_s": t1 - t0,
                       "time/update_s": t2 - t1, "time/step_s": t2 - t0})
         self._mid_step = False
         return stats
