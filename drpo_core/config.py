@@ -24,6 +24,8 @@ class ModelConfig(Section):
     kind: Literal["sd-turbo", "sdxl-turbo"] = Field("sd-turbo", description="sd-turbo: SD 1.x/2.x UNet, one CLIP encoder; "
                                                     "sdxl-turbo: SDXL UNet, two CLIP encoders, pooled embeds + time ids")
     path: str = Field("tiny", description="hub id, local pipeline folder, or 'tiny' / 'tiny-sdxl' for the embedded random models")
+    revision: str | None = Field(None, description="hub revision (branch, tag or commit) of a hub-id path")
+    variant: str | None = Field(None, description="diffusers weight variant, e.g. 'fp16' (unet/diffusion_pytorch_model.fp16.safetensors)")
     resolution: int = Field(32, gt=0, description="image side in pixels; the latent side is resolution / vae factor")
     timestep: int = Field(999, ge=0, le=999)
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
@@ -101,7 +103,9 @@ class RewardConfig(Section):
     kind: RewardKind = "hue_fraction"
     name: str | None = Field(None, description="label in metrics; defaults to kind")
     weight: float = Field(1.0, description="weight of this reward's per-prompt z-score in the ensemble")
-    path: str | None = Field(None, description="local model file or folder (hps, pickscore, clip, geneval)")
+    path: str | None = Field(None, description="model folder (pickscore, clip, geneval) or file (hps): a local path or a hub id "
+                             "(org/name; hps: org/name/file) found in the Hugging Face cache")
+    revision: str | None = Field(None, description="hub revision (branch, tag or commit) of a hub-id path")
     url: str | None = Field(None, description="http: POST endpoint; grpc: host:port")
     token_env: str | None = Field(None, description="environment variable holding a bearer token")
     timeout_s: float = Field(30.0, gt=0)

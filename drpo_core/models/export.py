@@ -49,7 +49,7 @@ def export_checkpoint(checkpoint: Path, out: Path, full_pipeline: bool = False) 
         raise ExportError(f"--out {out} already holds an export; choose another folder (nothing was overwritten)")
     if not lora["enabled"] and not full_pipeline:
         raise ExportError(f"checkpoint {folder} fine-tuned the full UNet: it has no LoRA weights; pass --full-pipeline")
-    base_path = resolve_model_path(model["path"])
+    base_path = resolve_model_path(model["path"], model.get("revision"))
     out.mkdir(parents=True, exist_ok=True)
     written: dict[str, str] = {}
     if lora["enabled"]:
@@ -60,7 +60,7 @@ def export_checkpoint(checkpoint: Path, out: Path, full_pipeline: bool = False) 
 
         dtype = getattr(torch, model["dtype"])
         try:
-            pipe = getattr(diffusers, KIND_PIPELINE[model["kind"]]).from_pretrained(base_path, dtype=dtype)
+            pipe = getattr(diffusers, KIND_PIPELINE[model["kind"]]).from_pretrained(base_path, dtype=dtype, variant=model.get("variant"))
         except (OSError, ValueError) as e:
             raise ExportError(f"cannot load the base model {model['path']!r} the checkpoint was trained on: "
                               f"{str(e).splitlines()[0]}") from None

@@ -41,8 +41,9 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def resolve_model_path(path: str) -> str:
-    """'tiny' / 'tiny-sdxl' → the embedded random models (built on first use); a local folder must exist."""
+def resolve_model_path(path: str, revision: str | None = None) -> str:
+    """'tiny' / 'tiny-sdxl' → the embedded random models (built on first use); a local folder must exist;
+    a hub id → its snapshot in the Hugging Face cache at ``revision`` (drpo_core/models/hub.py)."""
     if path == "tiny":
         return str(tiny_sd_turbo_path())
     if path == "tiny-sdxl":
@@ -54,7 +55,12 @@ def resolve_model_path(path: str) -> str:
         return str(local)
     if path.startswith((".", "/", "~")) or path.count("/") != 1:
         raise ModelLoadError(f"model.path {path!r} does not exist (expected a local pipeline folder or a hub id like org/name)")
-    return path  # hub id; from_pretrained resolves it (offline: from the local HF cache)
+    from drpo_core.models.hub import resolve_pretrained
+
+    try:
+        return str(resolve_pretrained(path, "model.path", want="dir", revision=revision))
+    except ValueError as e:
+        raise ModelLoadError(str(e)) from None
 
 
 def candidate_noise(seeds: list[int], shape: tuple[int, int, int], device: torch.device, dtype=torch.float32) -> torch.Tensor:
@@ -92,7 +98,7 @@ class OneStepGenerator:
         self.device = resolve_device(model_cfg.device)
         self.dtype = getattr(torch, model_cfg.dtype)
         self.pipeline_class = KIND_PIPELINE[self.KIND]  # the stock diffusers pipeline this generator reproduces
-        path = resolve_model_path(model_cfg.path)
+        path = resolve_model_path(model_cfg.path, model_cfg.revision)
         check_architecture(path, model_cfg.path, self.KIND)
         try:
             scheduler = self._load_components(path)
@@ -125,9 +131,9 @@ class OneStepGenerator:
         from transformers import CLIPTextModel, CLIPTokenizer
 
         self.tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
-        self.text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", dtype=self.dtype)
-        self.vae = AutoencoderKL.from_pretrained(path, subfolder="vae", dtype=self.dtype)
-        self.unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", dtype=self.dtype)
+        self.text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", dtype=self.dtype, variant=self.cfg.variant)
+        self.vae = AutoencoderKL.from_pretrained(path, subfolder="vae", dtype=self.dtype, variant=self.cfg.variant)
+        self.unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", dtype=self.dtype, variant=self.cfg.variant)
         return DDPMScheduler.from_pretrained(path, subfolder="scheduler")
 
     def frozen_modules(self) -> list[torch.nn.Module]:

@@ -49,12 +49,12 @@ class SdxlOneStepGenerator(OneStepGenerator):
 
         self.tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
         self.tokenizer_2 = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2")
-        self.text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", dtype=self.dtype)
-        self.text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2", dtype=self.dtype)
-        self.vae = AutoencoderKL.from_pretrained(path, subfolder="vae", dtype=self.dtype)
+        self.text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", dtype=self.dtype, variant=self.cfg.variant)
+        self.text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2", dtype=self.dtype, variant=self.cfg.variant)
+        self.vae = AutoencoderKL.from_pretrained(path, subfolder="vae", dtype=self.dtype, variant=self.cfg.variant)
         if self.dtype == torch.float16 and self.vae.config.get("force_upcast", False):
             self.vae.to(torch.float32)
-        self.unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", dtype=self.dtype)
+        self.unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", dtype=self.dtype, variant=self.cfg.variant)
         expected = self.unet.add_embedding.linear_1.in_features
         passed = 6 * self.unet.config.addition_time_embed_dim + self.text_encoder_2.config.projection_dim
         if expected != passed:
