@@ -54,6 +54,8 @@ class LoraConfig(Section):
     alpha: float = Field(16.0, gt=0)
     dropout: float = Field(0.0, ge=0, lt=1)
     target_modules: list[str] | str = Field(["to_q", "to_k", "to_v", "to_out.0"], description="module names, or one regex string")
+    init_from: str | None = Field(None, description="start from an existing UNet LoRA: a drpo run/checkpoint/export folder, a "
+                                  "PEFT adapter or diffusers LoRA folder, local or a hub id (rank and targets must match)")
 
 
 class FeaturesConfig(Section):

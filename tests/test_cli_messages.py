@@ -47,7 +47,7 @@ def test_export_is_quiet_and_resume_with_another_lora_rank_names_the_field(tmp_p
     exported = drpo("export", "--checkpoint", str(run), "--out", str(tmp_path / "export"), "--full-pipeline")
     assert exported.returncode == 0, exported.stderr
     assert exported.stderr == ""  # no deprecation warnings, no "Loading pipeline components" bars
-    assert [l.split()[0] for l in exported.stdout.splitlines()] == ["lora", "pipeline", "provenance"]
+    assert [l.split()[0] for l in exported.stdout.splitlines()] == ["lora", "peft", "pipeline", "provenance", "model_card"]
 
     resumed = drpo("train", "--local", "-c", "deploy/configs/tiny.yaml", *ONE_STEP, "--set", "trainer.steps=2",
                    "--set", "lora.rank=8", "-o", str(run), "--resume", str(run))

@@ -3,6 +3,9 @@
     OUT/pytorch_lora_weights.safetensors   pipe.load_lora_weights(OUT) on the base pipeline (LoRA runs)
     OUT/model_index.json, unet/, vae/ ...  --full-pipeline: AutoPipelineForText2Image.from_pretrained(OUT),
                                            the LoRA fused into the UNet (or the fine-tuned full UNet)
+    OUT/adapter_config.json, adapter_model.safetensors
+                                           the same LoRA as a PEFT adapter: PeftModel.from_pretrained(pipe.unet, OUT)
+    OUT/README.md                          a Hugging Face model card (base model, rewards, held-out eval, usage)
     OUT/drpo_export.json                   provenance: checkpoint, step, base model, how to sample
 
 Both reproduce the trainer's one-step samples: ``pipe(prompt, num_inference_steps=1, guidance_scale=0,
@@ -21,6 +24,7 @@ import torch
 from drpo_core.training.checkpoint import latest_checkpoint
 from drpo_core.models.generator import resolve_model_path
 from drpo_core.models.model_arch import KIND_PIPELINE
+from drpo_core.models.model_card import write_model_card, write_peft_adapter
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 
@@ -55,6 +59,7 @@ def export_checkpoint(checkpoint: Path, out: Path, full_pipeline: bool = False) 
     if lora["enabled"]:
         shutil.copy2(folder / LORA_FILE, out / LORA_FILE)
         written["lora"] = str(out / LORA_FILE)
+        written["peft"] = str(write_peft_adapter(folder, state, out))
     if full_pipeline:
         import diffusers
 
@@ -78,4 +83,5 @@ def export_checkpoint(checkpoint: Path, out: Path, full_pipeline: bool = False) 
                                                 "height": model["resolution"], "width": model["resolution"]}}
     (out / "drpo_export.json").write_text(json.dumps(provenance, indent=2))
     written["provenance"] = str(out / "drpo_export.json")
+    written["model_card"] = str(write_model_card(folder, state, out, full_pipeline))
     return written

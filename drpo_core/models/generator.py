@@ -160,6 +160,16 @@ class OneStepGenerator:
         self.unet.to(self.device)
         for p in self.trainable_parameters():  # fp32 LoRA weights under a half-precision base (peft casts inputs)
             p.data = p.data.float()
+        if cfg.init_from:  # start from an existing LoRA instead of B = 0
+            from drpo_core.models.model_card import read_lora
+
+            try:
+                state = read_lora(cfg.init_from)
+                self._load_trainable({k: v.to(self.device, torch.float32) for k, v in state.items()})
+            except (ValueError, RuntimeError) as e:
+                detail = next((l.strip() for l in str(e).splitlines() if "mismatch" in l), str(e).splitlines()[0])
+                raise ModelLoadError(f"lora.init_from {cfg.init_from!r} does not fit lora.rank={cfg.rank}, "
+                                     f"target_modules={targets!r}: {detail}" if "mismatch" in detail else str(e)) from None
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.unet.parameters() if p.requires_grad]
