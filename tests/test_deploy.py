@@ -228,7 +228,7 @@ def test_reward_server_manifest_serves_a_valid_reward_with_token_probes_and_serv
     assert argv[:2] == ["drpo", "serve-reward"]
     flags = dict(zip(argv[2::2], argv[3::2]))
     sets = [argv[i + 1] for i, a in enumerate(argv) if a == "--set"]
-    assert reward_config_from_cli(flags["--reward"], sets).path == "/models/PickScore_v1"
+    assert reward_config_from_cli(flags["--reward"], sets).path == "yuvalkirstain/PickScore_v1"  # from the HF cache on /models
     assert flags["--host"] == "0.0.0.0"
     port = {p["name"]: p["containerPort"] for p in c["ports"]}["http"]
     assert int(flags["--port"]) == port

@@ -49,7 +49,7 @@ def test_exported_lora_and_fused_pipeline_reproduce_the_trainer(trained):
     kind, trainer, ckpt, tmp = trained
     out = tmp / "export"
     written = export_checkpoint(ckpt, out, full_pipeline=True)
-    assert set(written) == {"lora", "pipeline", "provenance"}
+    assert set(written) == {"lora", "peft", "pipeline", "provenance", "model_card"}
     gen = trainer.generator
     ours = gen.generate(PROMPTS, SEEDS)[1]
     base = gen.generate(PROMPTS, SEEDS, base=True)[1]
