@@ -157,6 +157,13 @@ def test_synchronous_steps_equal_the_trainer_and_a_killed_job_resumes_through_th
               f"checkpoints/step_{STEPS}/pytorch_lora_weights.safetensors"):
         assert (out / f).is_file(), f
     assert json.loads((out / "eval.json").read_text())["overall"]["n"] > 0
+    # one TensorBoard writer on the driver; the resumed attempt purged the killed attempt's step 2
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0, "images": 0})
+    events.Reload()
+    assert [e.step for e in events.Scalars("reward/mean")] == [1, 2, 3]
+    assert {"samples", "before_after"} <= set(events.Tags()["images"]) and "lag/mean" in events.Tags()["scalars"]
 
 
 def test_killed_replicas_and_learner_lose_and_double_count_nothing(ray_cluster, tmp_path, reference_binary):
