@@ -2,7 +2,8 @@
 
     cells    [R·C, 3, H, W] in [0, 1]  →  nearest upscale only while a cell is under ``min_cell`` px
     grid     torchvision make_grid      →  a header band (one "seed s" per column) and a caption column (the prompt)
-    cap      the whole PNG is resized (area) to at most ``max_side`` px on its longer side
+    cap      the cells are shrunk (area) so that the PNG is at most ``max_side`` px on its longer side; the text
+             is drawn afterwards, at full size
     caption  the prompts and seeds are also stored as the PNG's "Description" text chunk, which the trackers
              (TensorBoard text, W&B captions) read back from the file on the driver
 
@@ -43,12 +44,18 @@ def _to_pil(images: torch.Tensor, cols: int) -> Image.Image:
     return Image.fromarray(array)
 
 
-def _captioned(images: torch.Tensor, prompts: list[str], seeds: list[int]) -> Image.Image:
-    """The grid with a "seed s" header over each column and the prompt left of each row."""
+def _captioned(images: torch.Tensor, prompts: list[str], seeds: list[int], max_side: int, max_height: int | None = None) -> Image.Image:
+    """The grid with a "seed s" header over each column and the prompt left of each row. The images are
+    shrunk (area) before the text is drawn, so that the whole fits ``max_side`` × ``max_height`` with
+    captions still at full size."""
     rows, cols = len(prompts), len(seeds)
     if images.shape[0] != rows * cols:
         raise ValueError(f"{images.shape[0]} images do not fill {rows} prompts x {cols} seeds")
     body = _to_pil(images, cols)
+    room = (max_side - CAPTION_WIDTH, (max_height or max_side) - HEADER)
+    scale = min(1.0, room[0] / body.width, room[1] / body.height)
+    if scale < 1:
+        body = body.resize((max(1, int(body.width * scale)), max(1, int(body.height * scale))), Image.Resampling.BOX)
     canvas = Image.new("RGB", (CAPTION_WIDTH + body.width, HEADER + body.height), "white")
     canvas.paste(body, (CAPTION_WIDTH, HEADER))
     draw, font = ImageDraw.Draw(canvas), _font()
@@ -87,14 +94,15 @@ def describe(prompts: list[str], seeds: list[int]) -> str:
 
 def save_grid(images: torch.Tensor, prompts: list[str], seeds: list[int], path: Path, max_side: int = MAX_SIDE) -> Path:
     """Save ``[len(prompts)·len(seeds), 3, H, W]`` images in [0, 1] (prompt-major) as one captioned PNG."""
-    return _save(_captioned(images, prompts, seeds), Path(path), describe(prompts, seeds), max_side)
+    return _save(_captioned(images, prompts, seeds, max_side), Path(path), describe(prompts, seeds), max_side)
 
 
 def save_before_after(base: torch.Tensor, policy: torch.Tensor, prompts: list[str], seeds: list[int], path: Path,
                       max_side: int = MAX_SIDE) -> Path:
     """The base model's grid above the policy's (same prompts, same seeds), each under a label, with a divider."""
-    top, bottom = _captioned(base, prompts, seeds), _captioned(policy, prompts, seeds)
     divider = 6
+    half = (max_side - 2 * HEADER - divider) // 2
+    top, bottom = _captioned(base, prompts, seeds, max_side, half), _captioned(policy, prompts, seeds, max_side, half)
     canvas = Image.new("RGB", (top.width, 2 * HEADER + top.height + divider + bottom.height), "white")
     canvas.paste(_band(top.width, "before: base model"), (0, 0))
     canvas.paste(top, (0, HEADER))
