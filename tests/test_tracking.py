@@ -141,3 +141,12 @@ def test_wandb_offline_run_is_written_in_the_run_folder(tmp_path, monkeypatch):
 def test_version_flag():
     proc = subprocess.run([sys.executable, "-m", "services.cli", "--version"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and re.fullmatch(r"drpo \S+\n", proc.stdout), proc.stdout + proc.stderr
+
+
+def test_wandb_asked_for_but_missing_is_one_clear_error(tmp_path, monkeypatch):
+    from drpo_core.training.tracking import TrackerError
+
+    monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` raises ImportError
+    cfg = load_config([], ["output.tracker=both", f"output.dir={tmp_path}"])
+    with pytest.raises(TrackerError, match=r"wandb, which is not installed \(pip install wandb\)"):
+        RunTracker(tmp_path, cfg)
