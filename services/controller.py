@@ -246,8 +246,8 @@ class Controller:
                 stats[k] = stats.get(k, 0.0) + v
         wait_update = timer["timing/wait_update_s"] + timer["timing/publish_s"]
         stats.update(timer)
-        stats.update({"step": self.step, "trainer/steps": self.cfg.trainer.steps, "version": self.weights.version, "time/sample_score_s": timer["timing/wait_groups_s"],
-                      "time/update_s": wait_update, "time/step_s": step_s,
+        stats.update({"step": self.step, "trainer/steps": self.cfg.trainer.steps, "version": self.weights.version,
+                      "time/sample_score_s": timer["timing/wait_groups_s"], "time/update_s": wait_update, "time/step_s": step_s,
                       "timing/generate_s": sum(g.generate_s for g in groups), "timing/score_s": sum(g.score_s for g in groups),
                       "timing/weights_sync_s": sum(g.sync_s for g in groups),
                       "lag/mean": sum(lags) / len(lags), "lag/max": float(max(lags)), "lag/groups": lags})

@@ -130,8 +130,8 @@ class DrpoTrainer:
         stats.update(self.scorer.pop_stats())
         self.step += 1
         t2 = time.perf_counter()
-        stats.update({"step": self.step, "trainer/steps": self.cfg.trainer.steps, "version": self.learner.version, "time/sample_score_s": t1 - t0,
-                      "time/update_s": t2 - t1, "time/step_s": t2 - t0})
+        stats.update({"step": self.step, "trainer/steps": self.cfg.trainer.steps, "version": self.learner.version,
+                      "time/sample_score_s": t1 - t0, "time/update_s": t2 - t1, "time/step_s": t2 - t0})
         self._mid_step = False
         return stats
 
