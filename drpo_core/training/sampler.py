@@ -1,31 +1,69 @@
 """Candidate sampling (algorithm lines 3–5): K candidates per prompt from the current policy, plus
-the frozen base's outputs for the same noises when the reference drift is on."""
+the frozen base's outputs for the same noises when the objective uses them (reference drift, DPO's
+reference policy, a baseline's L2 to the base)."""
 
 from __future__ import annotations
 
 import torch
 
+from drpo_core.algorithms.grpo import neighbor_noise
+from drpo_core.algorithms.groups import CandidateGroup, stable_seed
 from drpo_core.models.generator import OneStepGenerator
-from drpo_core.algorithms.groups import CandidateGroup
+
+
+def group_noise(generator: OneStepGenerator, seeds: list[int], neighbor_sigma: float | None = None) -> torch.Tensor:
+    """ε of one prompt's candidates `[K, C, h, w]` from their seeds.
+
+    ``neighbor_sigma`` (Neighbor-GRPO): ε_i = √(1−σ²) ε_base + σ ε(seed_i) with ε_base from a seed
+    derived from ``seeds[0]``, so the learner regenerates any candidate's noise from the group's seeds.
+    """
+    noise = generator.noise(seeds)
+    if neighbor_sigma is None:
+        return noise
+    base = generator.noise([stable_seed("neighbor-base", seeds[0])])[0]
+    return neighbor_noise(base.float(), noise.float(), neighbor_sigma).to(noise.dtype)
+
+
+def needs_base_latents(algo) -> bool:
+    """Whether the objective of ``algo`` (an AlgoConfig) reads the frozen base's outputs."""
+    kind = algo.kind
+    if kind == "drpo":
+        return algo.lambda_ref > 0
+    if kind in ("drpo-awr", "drpo-awr-topk"):
+        return True  # the base's features are part of the force
+    if kind == "dpo":
+        return not algo.dpo.reference_free or algo.dpo.ref_l2_weight > 0
+    options = {"draft": algo.draft, "grpo": algo.grpo, "raft": algo.raft}.get(kind)
+    return options is not None and options.ref_l2_weight > 0
 
 
 class CandidateSampler:
     """Plain worker class: the generator side of DrPO. Runs as-is locally or inside a Ray actor."""
 
-    def __init__(self, generator: OneStepGenerator, with_base: bool):
-        self.generator, self.with_base = generator, with_base
+    def __init__(self, generator: OneStepGenerator, with_base: bool, neighbor_sigma: float | None = None):
+        self.generator, self.with_base, self.neighbor_sigma = generator, with_base, neighbor_sigma
         self.version = 0
 
+    @classmethod
+    def for_algo(cls, generator: OneStepGenerator, algo) -> "CandidateSampler":
+        """The sampler an objective needs: base latents when it reads them, neighbour noises for GRPO."""
+        return cls(generator, with_base=needs_base_latents(algo),
+                   neighbor_sigma=algo.grpo.neighbor_sigma if algo.kind == "grpo" else None)
+
+    def _generate(self, prompt: str, seeds: list[int], base: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        noise = group_noise(self.generator, seeds, self.neighbor_sigma) if self.neighbor_sigma is not None else None
+        return self.generator.generate([prompt] * len(seeds), seeds, base=base, noise=noise)
+
     def sample(self, group_id: str, prompt: str, seeds: list[int], metadata: dict | None = None) -> CandidateGroup:
-        latents, images = self.generator.generate([prompt] * len(seeds), seeds)
-        base = self.generator.generate([prompt] * len(seeds), seeds, base=True)[0] if self.with_base else None
+        latents, images = self._generate(prompt, seeds)
+        base = self._generate(prompt, seeds, base=True)[0] if self.with_base else None
         return CandidateGroup(group_id=group_id, prompt=prompt, seeds=list(seeds), latents=latents.float(),
                               images=images, version=self.version, base_latents=None if base is None else base.float(),
                               metadata=metadata)
 
     def extend(self, group: CandidateGroup, seeds: list[int]) -> CandidateGroup:
         """Another sampling round for the same prompt (binary rewards); base latents stay those of the first K."""
-        latents, images = self.generator.generate([group.prompt] * len(seeds), seeds)
+        latents, images = self._generate(group.prompt, seeds)
         group.seeds = group.seeds + list(seeds)
         group.latents = torch.cat([group.latents, latents.float()])
         group.images = torch.cat([group.images, images])
