@@ -39,7 +39,7 @@ class SoftHueReward:
     version = "soft-hue-v1"
     differentiable = True
 
-    def __init__(self, hue_temperature: float = 0.1, chroma_temperature: float = 0.05, min_chroma: float = 0.1):
+    def __init__(self, hue_temperature: float = 0.02, chroma_temperature: float = 0.05, min_chroma: float = 0.1):
         if hue_temperature <= 0 or chroma_temperature <= 0:
             raise ValueError("soft_hue temperatures must be > 0")
         self.hue_temperature, self.chroma_temperature, self.min_chroma = hue_temperature, chroma_temperature, min_chroma
