@@ -50,13 +50,24 @@ class CandidateSampler:
         return cls(generator, with_base=needs_base_latents(algo),
                    neighbor_sigma=algo.grpo.neighbor_sigma if algo.kind == "grpo" else None)
 
-    def _generate(self, prompt: str, seeds: list[int], base: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        noise = group_noise(self.generator, seeds, self.neighbor_sigma) if self.neighbor_sigma is not None else None
-        return self.generator.generate([prompt] * len(seeds), seeds, base=base, noise=noise)
+    def _noise(self, seeds: list[int]) -> torch.Tensor | None:
+        return group_noise(self.generator, seeds, self.neighbor_sigma) if self.neighbor_sigma is not None else None
+
+    def _generate(self, prompt: str, seeds: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.generator.generate([prompt] * len(seeds), seeds, noise=self._noise(seeds))
+
+    @torch.no_grad()
+    def _base_latents(self, prompt: str, seeds: list[int]) -> torch.Tensor:
+        """G_base(ε_i, c) without decoding: the base's images are never scored, so no VAE decode is spent on them."""
+        gen = self.generator
+        noise = self._noise(seeds)
+        noise = gen.noise(seeds) if noise is None else noise
+        with gen.base_model():
+            return gen.predict_x0(noise, gen.encode_prompts([prompt] * len(seeds)))
 
     def sample(self, group_id: str, prompt: str, seeds: list[int], metadata: dict | None = None) -> CandidateGroup:
         latents, images = self._generate(prompt, seeds)
-        base = self._generate(prompt, seeds, base=True)[0] if self.with_base else None
+        base = self._base_latents(prompt, seeds) if self.with_base else None
         return CandidateGroup(group_id=group_id, prompt=prompt, seeds=list(seeds), latents=latents.float(),
                               images=images, version=self.version, base_latents=None if base is None else base.float(),
                               metadata=metadata)
