@@ -16,7 +16,10 @@ from services.cli import app
 # the tiny default with fewer candidates and no held-out eval: each run takes seconds
 FAST = ["trainer.steps=2", "trainer.prompts_per_step=2", "algo.num_candidates=6", "algo.num_anchors=2",
         "trainer.heldout_eval_seeds=0", "trainer.eval_seeds=1"]
-KINDS = ["drpo", "drpo-awr", "drpo-awr-topk", "drpo-awr-hard", "drpo-awr-advsign", "dpo", "grpo", "raft", "draft"]
+# a metric only that kind's loss writes: proves the dispatch ran the kind's objective, not DrPO's
+KINDS = {"drpo": "drift/", "drpo-awr": "awr/effective_count/", "drpo-awr-topk": "awr/top_count/",
+         "drpo-awr-hard": "awr/hard_anchors/", "drpo-awr-advsign": "awr/positives/", "dpo": "dpo/logit",
+         "grpo": "grpo/ratio_mean", "raft": "raft/fit", "draft": "draft/soft_hue/mean"}
 
 
 def train(out, *overrides):
@@ -40,6 +43,7 @@ def test_every_kind_trains_the_tiny_default(tmp_path, kind):
     rows = [json.loads(line) for line in (tmp_path / kind / "metrics.jsonl").read_text().splitlines()]
     assert [r["update/applied"] for r in rows] == [1.0, 1.0]
     assert all(np.isfinite(r["loss"]) for r in rows)
+    assert all(any(k.startswith(KINDS[kind]) for k in r) for r in rows), sorted(rows[0])
     assert lora_up_norm(tmp_path / kind) > 0
 
 

@@ -151,7 +151,7 @@ def awr_hard_drift_loss(gen, scores, *, alpha: float = 1.0, pos_weight: float = 
     p_neg = _awr_logits(-_point_scores(scores[bottom], L), alpha, logit_clip).softmax(0)
     field = drift_field(gen.reshape(-1, gen.shape[-1]), pos, neg, pos_weight=pos_weight * pos.shape[0] * p_pos,
                         neg_weight=neg_weight * neg.shape[0] * p_neg, radii=tuple(radii), kernel=kernel)  # 3.
-    return _regress(gen, field.V, field.sigma), {"awr/top_count": float(top.numel()), "scale": float(field.scale)}
+    return _regress(gen, field.V, field.sigma), {"awr/hard_anchors": float(top.numel()), "scale": float(field.scale)}
 
 
 def awr_advsign_drift_loss(gen, scores, *, alpha: float = 1.0, pos_weight: float = 3000.0, neg_weight: float = 3000.0,
