@@ -95,3 +95,21 @@ def test_offline_anchors_train_from_a_local_dataset(tmp_path, mode):
     rows = [json.loads(line) for line in (tmp_path / mode / "metrics.jsonl").read_text().splitlines()]
     assert [r["update/applied"] for r in rows] == [1.0, 1.0]
     assert lora_up_norm(tmp_path / mode) > 0
+
+
+def test_grpo_sampler_and_learner_agree_on_the_neighbour_noises(tmp_path):
+    from drpo_core.training.sampler import group_noise
+    from drpo_core.training.trainer import DrpoTrainer
+
+    cfg = load_config(["deploy/configs/tiny.yaml"], [*FAST, "algo.kind=grpo"])
+    trainer = DrpoTrainer(cfg, output_dir=tmp_path / "grpo")
+    groups, _ = trainer.collect(0, ["a photo of a red car"])
+    g, objective = groups[0], trainer.learner.objective
+    index = objective.anchor_index(g)
+    with torch.no_grad():
+        anchors = objective.policy_latents([g], [index])
+    torch.testing.assert_close(anchors, g.latents[index], atol=1e-5, rtol=1e-5)  # on-policy: ratio 1 at the first step
+    eps = group_noise(trainer.generator, g.seeds, cfg.algo.grpo.neighbor_sigma).flatten(1)
+    corr = torch.corrcoef(eps[:2])[0, 1].item()
+    assert corr == pytest.approx(1 - 0.3**2, abs=0.1)  # neighbours share the base noise
+    assert torch.corrcoef(trainer.generator.noise(g.seeds[:2]).flatten(1))[0, 1].abs() < 0.2

@@ -112,6 +112,8 @@ def test_soft_hue_ranks_like_the_hue_fraction_and_has_a_gradient():
     assert hard.tolist() == [1.0, 0.0, 0.0, 0.0]
     assert soft[0] > 0.9 and soft[1:].max() < 0.05
     assert torch.isnan(SoftHueReward()(images[:1], ["a photo of a car"])).all()
+    washed_out = torch.tensor([0.51, 0.49, 0.49]).view(1, 3, 1, 1).expand(1, 3, 8, 8)  # red hue, almost no chroma
+    assert HueFractionReward()(washed_out, prompts[:1]).item() == 0.0 and SoftHueReward()(washed_out, prompts[:1]).item() < 0.3
 
 
 def test_draft_step_raises_the_reward():
