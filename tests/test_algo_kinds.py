@@ -45,6 +45,10 @@ def test_every_kind_trains_the_tiny_default(tmp_path, kind):
     assert all(np.isfinite(r["loss"]) for r in rows)
     assert all(any(k.startswith(KINDS[kind]) for k in r) for r in rows), sorted(rows[0])
     assert lora_up_norm(tmp_path / kind) > 0
+    if kind == "dpo":  # step 1: the policy is still the base (LoRA B = 0) on the same noises, so its margin is the base's
+        assert abs(rows[0]["dpo/logit"]) < 1e-3 < abs(rows[1]["dpo/logit"])
+    if kind == "grpo":  # step 1 is on-policy: ratio 1, and centred advantages give a zero surrogate
+        assert rows[0]["grpo/ratio_mean"] == pytest.approx(1.0, abs=1e-4) and abs(rows[0]["loss"]) < 1e-4
 
 
 def test_draft_refuses_the_hue_reward_before_training(tmp_path):
