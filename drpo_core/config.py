@@ -14,6 +14,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from drpo_core.overrides import ConfigError, _apply_override, _merge, parse_yaml  # noqa: F401 (re-exported)
+from drpo_core.algorithm_options import (DIFFERENTIABLE_REWARD_KINDS, AlgoKind, AwrOptions, DpoOptions, DraftOptions,
+                                         GrpoOptions, OfflineAnchorsOptions, RaftOptions)
 
 
 class Section(BaseModel):
@@ -96,7 +98,7 @@ class FeaturesConfig(Section):
         return self
 
 
-RewardKind = Literal["hue_fraction", "hps", "pickscore", "clip", "geneval", "http", "grpc", "flow_grpo"]
+RewardKind = Literal["hue_fraction", "soft_hue", "hps", "pickscore", "clip", "geneval", "http", "grpc", "flow_grpo"]
 
 
 class RewardConfig(Section):
@@ -141,6 +143,8 @@ class PromptsConfig(Section):
 
 
 class AlgoConfig(Section):
+    kind: AlgoKind = Field("drpo", description="objective: drpo (drift), drpo-awr / -topk / -hard / -advsign "
+                           "(reward-weighted drifts), or a baseline: draft, dpo, grpo, raft (docs/baselines.md)")
     num_candidates: int = Field(16, description="K, candidates sampled per prompt")
     num_anchors: int = Field(4, description="M, positives (top-M) and negatives (bottom-M) per prompt")
     radii: list[float] = Field([0.02, 0.05, 0.2], min_length=1)
@@ -154,6 +158,13 @@ class AlgoConfig(Section):
     binary_threshold: float | None = Field(None, description="binary reward: pass if score >= threshold")
     max_extra_rounds: int = Field(3, ge=0, description="binary reward: extra K-candidate rounds to find M passes and M fails")
     shuffle_rewards: bool = Field(False, description="control run: shuffle scores within each prompt group before ranking")
+    # options of the other objectives and of offline anchors (drpo_core/algorithm_options.py)
+    draft: DraftOptions = DraftOptions()
+    dpo: DpoOptions = DpoOptions()
+    grpo: GrpoOptions = GrpoOptions()
+    raft: RaftOptions = RaftOptions()
+    awr: AwrOptions = AwrOptions()
+    offline: OfflineAnchorsOptions = OfflineAnchorsOptions()
 
     @field_validator("radii")
     @classmethod
@@ -306,6 +317,19 @@ class DrpoConfig(Section):
         labels = [r.label for r in self.rewards]
         if len(set(labels)) != len(labels):
             raise ValueError(f"reward names must be unique, got {labels}; set 'name' on repeated kinds")
+        return self
+
+    @model_validator(mode="after")
+    def _objective_fits_rewards(self) -> "DrpoConfig":
+        if self.algo.kind == "draft":
+            for r in self.rewards:
+                if r.kind not in DIFFERENTIABLE_REWARD_KINDS:
+                    raise ValueError(f"algo.kind 'draft' backpropagates through the reward, but reward {r.label!r} "
+                                     f"(kind {r.kind}) is not differentiable; use one of {list(DIFFERENTIABLE_REWARD_KINDS)}")
+        if self.algo.grpo.num_anchors > self.algo.num_candidates:
+            raise ValueError(f"algo.grpo.num_anchors ({self.algo.grpo.num_anchors}) exceeds num_candidates ({self.algo.num_candidates})")
+        if self.algo.offline.dataset and self.algo.kind != "drpo":
+            raise ValueError(f"algo.offline.dataset gives DrPO anchors; algo.kind {self.algo.kind!r} does not use them")
         return self
 
 

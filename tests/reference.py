@@ -16,11 +16,14 @@ def drift_field_loop(gen, pos, neg, *, pos_weight=3000.0, neg_weight=3000.0, sel
     if self_weight > 0:
         for i, row in enumerate(x):
             targets.append(row); weights.append(self_weight); repel.append(True); self_index.append(i)
+    def weight(w, j):  # one weight for all anchors, or one per anchor (reward-weighted variants)
+        return float(w[j]) if hasattr(w, "__len__") else w
+
     for i, row in enumerate(neg.tolist()):
-        targets.append(row); weights.append(neg_weight); repel.append(True)
+        targets.append(row); weights.append(weight(neg_weight, i)); repel.append(True)
         self_index.append(i if mask_negative_self else None)
-    for row in pos.tolist():
-        targets.append(row); weights.append(pos_weight); repel.append(False); self_index.append(None)
+    for j, row in enumerate(pos.tolist()):
+        targets.append(row); weights.append(weight(pos_weight, j)); repel.append(False); self_index.append(None)
     T = len(targets)
 
     def dist(a, b):

@@ -69,8 +69,8 @@ def drift_field(
     pos: torch.Tensor,
     neg: torch.Tensor,
     *,
-    pos_weight: float = 3000.0,
-    neg_weight: float = 3000.0,
+    pos_weight: float | torch.Tensor = 3000.0,
+    neg_weight: float | torch.Tensor = 3000.0,
     self_weight: float = 1.0,
     radii: tuple[float, ...] = (0.02, 0.05, 0.2),
     kernel: Kernel = "laplacian",
@@ -91,6 +91,9 @@ def drift_field(
        force ``F = N_i Σ_{A⁺} Â (t−x̄)/σ − P_i Σ_{x̄,A⁻} Â (t−x̄)/σ``, RMS-normalised.
     5. ``V = Σ_r F̂(r)``.
 
+    ``pos_weight`` / ``neg_weight`` are one weight for every anchor or a per-anchor tensor `[P]` / `[Q]`
+    (the reward-weighted variants, :mod:`drpo_core.algorithms.weighted_drift`).
+
     With ``mask_negative_self`` the negatives must be ``x̄`` itself (reference drift, §1.6.2) and the
     diagonal of that block is masked too.
     """
@@ -108,7 +111,7 @@ def drift_field(
     gen_bar = gen.detach().float()
     pos, neg = pos.detach().float(), neg.detach().float()
     blocks = [neg, pos]
-    weights = [gen_bar.new_full((neg.shape[0],), neg_weight), gen_bar.new_full((pos.shape[0],), pos_weight)]
+    weights = [_column_weights(neg_weight, neg.shape[0], gen_bar), _column_weights(pos_weight, pos.shape[0], gen_bar)]
     if self_weight > 0:
         blocks.insert(0, gen_bar)
         weights.insert(0, gen_bar.new_full((N,), self_weight))
@@ -157,6 +160,15 @@ def drift_field(
 
     # 5. V is the sum over radii
     return DriftField(V=V, sigma=sigma, scale=scale)
+
+
+def _column_weights(value: float | torch.Tensor, count: int, like: torch.Tensor) -> torch.Tensor:
+    """Anchor column weights `[count]`: a scalar broadcast, or a per-anchor tensor checked for its length."""
+    if isinstance(value, torch.Tensor):
+        if value.shape != (count,):
+            raise ValueError(f"per-anchor weights must have shape ({count},), got {tuple(value.shape)}")
+        return value.detach().to(like)
+    return like.new_full((count,), float(value))
 
 
 def _logit_gradient_coefficient(dist_scaled: torch.Tensor, kernel: Kernel, tau: torch.Tensor) -> torch.Tensor:

@@ -292,12 +292,15 @@ class OneStepGenerator:
         return self.vae_decode(latents)
 
     @torch.no_grad()
-    def generate(self, prompts: list[str], seeds: list[int], base: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """Latents and images for one candidate per (prompt, seed) pair; ``base`` uses G_base."""
+    def generate(self, prompts: list[str], seeds: list[int], base: bool = False,
+                 noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Latents and images for one candidate per (prompt, seed) pair; ``base`` uses G_base.
+        ``noise`` `[N, C, h, w]` replaces the seeds' own ε (Neighbor-GRPO's correlated noises)."""
         emb = self.encode_prompts(prompts)
         merge = self.merged() if self.cfg.merge_lora_for_sampling and not base else contextlib.nullcontext()
+        eps = self.noise(seeds) if noise is None else noise.to(device=self.device, dtype=self.dtype)
         with merge, (self.base_model() if base else contextlib.nullcontext()):
-            latents = self.predict_x0(self.noise(seeds), emb)
+            latents = self.predict_x0(eps, emb)
         return latents, self.decode(latents)
 
 

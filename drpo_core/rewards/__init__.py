@@ -25,6 +25,13 @@ def build_reward(cfg: RewardConfig) -> RewardFn:
             return HueFractionReward(**cfg.options)
         except TypeError as e:
             raise ValueError(f"rewards[{cfg.label}].options: {e}") from None
+    if cfg.kind == "soft_hue":
+        from drpo_core.rewards.soft_hue import SoftHueReward
+
+        try:
+            return SoftHueReward(**cfg.options)
+        except TypeError as e:
+            raise ValueError(f"rewards[{cfg.label}].options: {e}") from None
     if cfg.kind == "http":
         from drpo_core.rewards.http import HttpReward  # lazy: httpx only when a remote reward is configured
 

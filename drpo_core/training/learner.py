@@ -17,6 +17,7 @@ from drpo_core.models.generator import OneStepGenerator
 from drpo_core.algorithms.groups import CandidateGroup
 from drpo_core.algorithms.loss import drpo_group_loss
 from drpo_core.algorithms.ranking import select_anchors
+from drpo_core.training.objectives import build_objective
 
 
 def autocast_context(device: torch.device, mixed_precision: str):
@@ -32,9 +33,15 @@ def _select(feats: dict[str, torch.Tensor], idx: torch.Tensor) -> dict[str, torc
 
 
 class DrpoLearner:
-    """Plain worker class holding the optimizer; ``update(groups)`` is one DrPO step."""
+    """Plain worker class holding the optimizer; ``update(groups)`` is one DrPO step.
 
-    def __init__(self, generator: OneStepGenerator, encoder: FeatureEncoder, algo: AlgoConfig, trainer: TrainerConfig):
+    ``algo.kind`` other than ``drpo`` (or offline anchors) swaps only the loss: the objective of
+    :mod:`drpo_core.training.objectives`, with the same micro-batching, clipping and AdamW step.
+    ``rewards`` (label → (fn, weight)) are needed in the learner only by DRaFT.
+    """
+
+    def __init__(self, generator: OneStepGenerator, encoder: FeatureEncoder, algo: AlgoConfig, trainer: TrainerConfig,
+                 rewards: dict[str, tuple] | None = None):
         self.generator, self.encoder, self.algo, self.trainer_cfg = generator, encoder, algo, trainer
         params = generator.trainable_parameters()
         if not params:
@@ -47,8 +54,11 @@ class DrpoLearner:
         fp16 = generator.device.type == "cuda" and trainer.mixed_precision == "fp16"
         self.scaler = torch.amp.GradScaler("cuda", enabled=fp16)
         self.version = 0  # number of optimizer updates applied
+        self.objective = build_objective(generator, encoder, algo, rewards)
 
     def update(self, groups: list[CandidateGroup]) -> dict[str, float]:
+        if self.objective is not None:
+            return self._objective_update(groups)
         K, M = self.algo.num_candidates, self.algo.num_anchors
         stats: dict[str, float] = {"update/groups": float(len(groups))}
         # DrPO line 7: disjoint top-M / bottom-M per prompt from the ranking scores
@@ -80,18 +90,49 @@ class DrpoLearner:
             for k, v in part_stats.items():
                 sums[k] = sums.get(k, 0.0) + v / len(kept)
 
-        # clip, AdamW
+        stats.update(sums)
+        return self._step(stats, total, kept)
+
+    def _step(self, stats: dict[str, float], total: float, kept: list[CandidateGroup]) -> dict[str, float]:
+        """Clip, AdamW, and the update's stats (every objective)."""
         self.scaler.unscale_(self.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.generator.trainable_parameters(), self.trainer_cfg.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
         self.version += 1
-        stats.update(sums)
         stats.update({"loss": total, "update/applied": 1.0, "update/grad_norm": float(grad_norm),
                       "update/lr": self.scheduler.get_last_lr()[0],
                       "update/policy_lag": float(sum(self.version - 1 - g.version for g in kept)) / len(kept)})
         return stats
+
+    def _objective_update(self, groups: list[CandidateGroup]) -> dict[str, float]:
+        """One step of a non-default objective: its group filter, then the same micro-batched backward."""
+        stats: dict[str, float] = {"update/groups": float(len(groups))}
+        kept = []
+        for g in groups:
+            reason = self.objective.keep(g)
+            if reason is None:
+                kept.append(g)
+            else:
+                stats[f"skipped/{reason}"] = stats.get(f"skipped/{reason}", 0.0) + 1
+        stats["update/kept_groups"], stats["update/applied"] = float(len(kept)), 0.0
+        if not kept:
+            return stats
+        self.optimizer.zero_grad(set_to_none=True)
+        chunk = self.trainer_cfg.micro_batch_prompts or len(kept)
+        total = 0.0
+        for start in range(0, len(kept), chunk):
+            with autocast_context(self.generator.device, self.trainer_cfg.mixed_precision):
+                loss, part = self.objective.chunk_loss(kept[start:start + chunk])
+            loss = loss / len(kept)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite {self.algo.kind} loss {float(loss.detach())} at version {self.version}")
+            self.scaler.scale(loss).backward()
+            total += float(loss.detach())
+            for k, v in part.items():
+                stats[k] = stats.get(k, 0.0) + v / len(kept)
+        return self._step(stats, total, kept)
 
     def _chunk_loss(self, kept: list[CandidateGroup], anchors: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, dict[str, float]]:
         """Σ over the chunk's prompts of the per-prompt DrPO loss, and Σ of their stats."""

@@ -1,31 +1,80 @@
 """Candidate sampling (algorithm lines 3–5): K candidates per prompt from the current policy, plus
-the frozen base's outputs for the same noises when the reference drift is on."""
+the frozen base's outputs for the same noises when the objective uses them (reference drift, DPO's
+reference policy, a baseline's L2 to the base)."""
 
 from __future__ import annotations
 
 import torch
 
+from drpo_core.algorithms.grpo import neighbor_noise
+from drpo_core.algorithms.groups import CandidateGroup, stable_seed
 from drpo_core.models.generator import OneStepGenerator
-from drpo_core.algorithms.groups import CandidateGroup
+
+
+def group_noise(generator: OneStepGenerator, seeds: list[int], neighbor_sigma: float | None = None) -> torch.Tensor:
+    """ε of one prompt's candidates `[K, C, h, w]` from their seeds.
+
+    ``neighbor_sigma`` (Neighbor-GRPO): ε_i = √(1−σ²) ε_base + σ ε(seed_i) with ε_base from a seed
+    derived from ``seeds[0]``, so the learner regenerates any candidate's noise from the group's seeds.
+    """
+    noise = generator.noise(seeds)
+    if neighbor_sigma is None:
+        return noise
+    base = generator.noise([stable_seed("neighbor-base", seeds[0])])[0]
+    return neighbor_noise(base.float(), noise.float(), neighbor_sigma).to(noise.dtype)
+
+
+def needs_base_latents(algo) -> bool:
+    """Whether the objective of ``algo`` (an AlgoConfig) reads the frozen base's outputs."""
+    kind = algo.kind
+    if kind == "drpo":
+        return algo.lambda_ref > 0
+    if kind in ("drpo-awr", "drpo-awr-topk"):
+        return True  # the base's features are part of the force
+    if kind == "dpo":
+        return not algo.dpo.reference_free or algo.dpo.ref_l2_weight > 0
+    options = {"draft": algo.draft, "grpo": algo.grpo, "raft": algo.raft}.get(kind)
+    return options is not None and options.ref_l2_weight > 0
 
 
 class CandidateSampler:
     """Plain worker class: the generator side of DrPO. Runs as-is locally or inside a Ray actor."""
 
-    def __init__(self, generator: OneStepGenerator, with_base: bool):
-        self.generator, self.with_base = generator, with_base
+    def __init__(self, generator: OneStepGenerator, with_base: bool, neighbor_sigma: float | None = None):
+        self.generator, self.with_base, self.neighbor_sigma = generator, with_base, neighbor_sigma
         self.version = 0
 
+    @classmethod
+    def for_algo(cls, generator: OneStepGenerator, algo) -> "CandidateSampler":
+        """The sampler an objective needs: base latents when it reads them, neighbour noises for GRPO."""
+        return cls(generator, with_base=needs_base_latents(algo),
+                   neighbor_sigma=algo.grpo.neighbor_sigma if algo.kind == "grpo" else None)
+
+    def _noise(self, seeds: list[int]) -> torch.Tensor | None:
+        return group_noise(self.generator, seeds, self.neighbor_sigma) if self.neighbor_sigma is not None else None
+
+    def _generate(self, prompt: str, seeds: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.generator.generate([prompt] * len(seeds), seeds, noise=self._noise(seeds))
+
+    @torch.no_grad()
+    def _base_latents(self, prompt: str, seeds: list[int]) -> torch.Tensor:
+        """G_base(ε_i, c) without decoding: the base's images are never scored, so no VAE decode is spent on them."""
+        gen = self.generator
+        noise = self._noise(seeds)
+        noise = gen.noise(seeds) if noise is None else noise
+        with gen.base_model():
+            return gen.predict_x0(noise, gen.encode_prompts([prompt] * len(seeds)))
+
     def sample(self, group_id: str, prompt: str, seeds: list[int], metadata: dict | None = None) -> CandidateGroup:
-        latents, images = self.generator.generate([prompt] * len(seeds), seeds)
-        base = self.generator.generate([prompt] * len(seeds), seeds, base=True)[0] if self.with_base else None
+        latents, images = self._generate(prompt, seeds)
+        base = self._base_latents(prompt, seeds) if self.with_base else None
         return CandidateGroup(group_id=group_id, prompt=prompt, seeds=list(seeds), latents=latents.float(),
                               images=images, version=self.version, base_latents=None if base is None else base.float(),
                               metadata=metadata)
 
     def extend(self, group: CandidateGroup, seeds: list[int]) -> CandidateGroup:
         """Another sampling round for the same prompt (binary rewards); base latents stay those of the first K."""
-        latents, images = self.generator.generate([group.prompt] * len(seeds), seeds)
+        latents, images = self._generate(group.prompt, seeds)
         group.seeds = group.seeds + list(seeds)
         group.latents = torch.cat([group.latents, latents.float()])
         group.images = torch.cat([group.images, images])

@@ -83,10 +83,12 @@ class DrpoTrainer:
         torch.manual_seed(cfg.trainer.seed)
         self.generator = load_generator(cfg.model, cfg.lora)
         self.encoder = build_encoder(cfg.features, self.generator.latent_shape[0], self.generator.device, generator=self.generator)
-        self.sampler = CandidateSampler(self.generator, with_base=cfg.algo.lambda_ref > 0)
+        self.sampler = CandidateSampler.for_algo(self.generator, cfg.algo)
         self.scorer = RewardScorer(rewards or build_rewards(cfg), binary=cfg.algo.binary_threshold is not None,
                                    shuffle_seed=cfg.trainer.seed if cfg.algo.shuffle_rewards else None)
-        self.learner = DrpoLearner(self.generator, self.encoder, cfg.algo, cfg.trainer)
+        # DRaFT differentiates the rewards in the learner: it builds its own (the in-process, differentiable kinds)
+        learner_rewards = build_rewards(cfg) if cfg.algo.kind == "draft" else None
+        self.learner = DrpoLearner(self.generator, self.encoder, cfg.algo, cfg.trainer, rewards=learner_rewards)
         self.prompts = PromptSampler(training_prompts(cfg.prompts), cfg.trainer.seed)
         self.metadata = prompt_metadata(cfg.prompts)
         self.reward_history: dict[str, RunningStats] = {}
