@@ -65,6 +65,7 @@ class Controller:
         self.counters: Counter = Counter()
         self.step = self.next_issue = 0
         self.sampler_states: dict[int, dict] = {}
+        self.metrics: MetricsWriter | None = None
         self.reward_history: dict = {}  # running reward stats (reward/<label>/normalized), checkpointed by the learner
 
     # -- the loop (reads like the algorithm box) --------------------------------------------------
@@ -75,7 +76,8 @@ class Controller:
         self.restore()  # step, version and prompt position of the learner's checkpoint (step 0 when new)
         if resume is None:
             self.save_samples("step_0")
-        metrics = MetricsWriter(out / "metrics.jsonl")
+        self.metrics = metrics = MetricsWriter(out / "metrics.jsonl")
+        metrics.rewind(self.step)  # rows of steps past the checkpoint (a killed job) are trained again: each step once
         try:
             while self.step < tc.steps:
                 try:
@@ -199,6 +201,8 @@ class Controller:
             self.rt.replace_learner()
             self.rt.wait_learner(self.cfg.runtime.start_timeout_s)
         self.restore()
+        if self.metrics is not None:
+            self.metrics.rewind(self.step)  # the steps after the checkpoint are redone: a reader sees each once
 
     def save_checkpoint(self) -> str:
         # the prompt position right after this step's prompts, not after the look-ahead already issued

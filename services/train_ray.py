@@ -28,7 +28,7 @@ def run_ray(cfg, resume: Path | None, fail: Callable[[str], None]) -> dict:
 
     console = Console(stderr=True)
     out = Path(cfg.output.dir)
-    check_output_dir(out, resume, fail)
+    resume = check_output_dir(out, resume, fail)
     try:
         resolve_model_path(cfg.model.path)  # fail here in one line, not in every actor's constructor
     except ModelLoadError as e:

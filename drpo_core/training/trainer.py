@@ -179,6 +179,7 @@ class DrpoTrainer:
         if resume is None:
             self.save_samples("step_0")
         metrics = MetricsWriter(out / "metrics.jsonl")
+        metrics.rewind(self.step)  # rows of steps past the checkpoint (a killed run) are trained again: each step once
         try:
             while self.step < tc.steps:
                 stats = self.train_step()
