@@ -110,18 +110,24 @@ class GeneratorActor:
         self.sampler.set_weights(_pull(weights, self.pull_timeout_s), weights.version)
         return time.perf_counter() - t0
 
-    def generate(self, weights: WeightsHandle, request: GroupRequest) -> tuple[CandidateGroup, GenerationInfo]:
+    def generate(self, weights: WeightsHandle, request: GroupRequest) -> tuple[CandidateGroup, CandidateGroup, GenerationInfo]:
+        """Called with num_returns=3: the rewards' view (uint8 images), the learner's view (latents, seeds), the info.
+
+        Two objects, so each role pulls only what it reads: the learner never receives images (at 512 px,
+        K=24: 75 MB of fp32 images per group before, 3 MB of latents now); both are CPU tensors.
+        """
         sync = self._sync(weights)
         t0 = time.perf_counter()
         group = self.sampler.sample(request.group_id, request.prompt, request.seeds, request.metadata)
-        return group, self._info(group, time.perf_counter() - t0, sync)
+        return group.for_reward(), group.for_learner(), self._info(group, time.perf_counter() - t0, sync)
 
-    def extend(self, weights: WeightsHandle, group: CandidateGroup, seeds: list[int]) -> tuple[CandidateGroup, GenerationInfo]:
-        """Another K-candidate round for a binary reward that found too few passes or fails."""
+    def extend(self, weights: WeightsHandle, reward_view: CandidateGroup, learner_view: CandidateGroup,
+               seeds: list[int]) -> tuple[CandidateGroup, CandidateGroup, GenerationInfo]:
+        """Another K-candidate round for a binary reward that found too few passes or fails (num_returns=3)."""
         sync = self._sync(weights)
         t0 = time.perf_counter()
-        group = self.sampler.extend(group, seeds)
-        return group, self._info(group, time.perf_counter() - t0, sync)
+        group = self.sampler.extend(CandidateGroup.joined(reward_view, learner_view), seeds)
+        return group.for_reward(), group.for_learner(), self._info(group, time.perf_counter() - t0, sync)
 
     def _info(self, group: CandidateGroup, seconds: float, sync: float) -> GenerationInfo:
         where = _whereabouts()
@@ -180,7 +186,7 @@ class LearnerActor:
                                         f"{self.checkpoint_dir}), the controller expected {version}")
 
     def update(self, expect_version: int, scores: list[ScoreResult], *groups: CandidateGroup) -> dict[str, float]:
-        """One DrPO step on scored groups (Ray resolves the group references before the call)."""
+        """One DrPO step on scored groups: their learner views (Ray resolves the references before the call)."""
         self._expect(expect_version)
         t0 = time.perf_counter()
         for g, s in zip(groups, scores, strict=True):

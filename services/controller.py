@@ -121,7 +121,7 @@ class Controller:
     def learn(self, t: int, groups: list[TrackedGroup]) -> tuple[dict, list[TrackedGroup]]:
         """learner.update on the step's groups; groups whose data died with a node are made again first."""
         while True:
-            update = self.rt.learner.update.remote(self.weights.version, [g.score for g in groups], *[g.group_ref for g in groups])
+            update = self.rt.learner.update.remote(self.weights.version, [g.score for g in groups], *[g.learner_ref for g in groups])
             try:
                 return self.wait_learner(update, self.cfg.runtime.update_timeout_s, fallback=True), groups
             except ObjectLostError as e:  # the update never ran: its arguments were gone

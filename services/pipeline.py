@@ -39,7 +39,8 @@ class TrackedGroup:
     incarnation: int = 0  # bumped when the group's data died with a node and it is made again
     round: int = 0
     stage: str = "generate"  # generate | score | ready
-    group_ref: Any = None
+    group_ref: Any = None  # the rewards' view (uint8 images)
+    learner_ref: Any = None  # the learner's view (latents, seeds; no images)
     node: str | None = None  # where the group's data lives
     version: int = -1
     first_score: ScoreResult | None = None  # round-0 rewards: the step's reward statistics (as the trainer)
@@ -82,11 +83,12 @@ class GroupPipeline:
 
     def _generate(self, tg: TrackedGroup) -> None:
         if tg.round == 0:
-            self.generators.submit(self._rid(tg, "generate"), "generate", self.weights.newest, tg.request, num_returns=2)
+            self.generators.submit(self._rid(tg, "generate"), "generate", self.weights.newest, tg.request, num_returns=3)
             return
         K, r = self.cfg.algo.num_candidates, tg.round
         seeds = [candidate_seed(self.cfg.trainer.seed, tg.request.step, tg.request.slot, r * K + i) for i in range(K)]
-        self.generators.submit(self._rid(tg, "generate"), "extend", self.weights.newest, tg.group_ref, seeds, num_returns=2)
+        self.generators.submit(self._rid(tg, "generate"), "extend", self.weights.newest, tg.group_ref, tg.learner_ref, seeds,
+                               num_returns=3)
 
     # -- progress ---------------------------------------------------------------------------------
     def pump(self, extra: list = (), timeout_s: float = 0.1) -> list:
@@ -125,7 +127,8 @@ class GroupPipeline:
         if c.error:
             raise GenerationFailedError(f"prompt group {tg.request.group_id} ({tg.request.prompt!r}): {c.error}")
         info: GenerationInfo = c.info
-        tg.group_ref, tg.node, tg.version = c.data[0], info.node, info.version if tg.round == 0 else tg.version
+        tg.group_ref, tg.learner_ref, tg.node = c.data[0], c.data[1], info.node
+        tg.version = info.version if tg.round == 0 else tg.version
         tg.generate_s, tg.sync_s = tg.generate_s + info.seconds, tg.sync_s + info.sync_seconds
         tg.stage = "score"
         self.rewards.submit(self._rid(tg, "score"), "score", tg.group_ref)

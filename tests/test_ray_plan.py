@@ -136,10 +136,14 @@ def test_actor_classes_without_ray_make_the_trainers_step(tmp_path):
     groups, scores = [], []
     for slot, prompt in enumerate(prompts):
         request = GroupRequest(f"0:{slot}", 0, slot, prompt, [candidate_seed(cfg.trainer.seed, 0, slot, i) for i in range(6)])
-        group, info = generator.generate(weights, request)
+        for_reward, for_learner, info = generator.generate(weights, request)
         assert info.version == 0 and info.size == 6
-        groups.append(group)
-        scores.append(reward.score(group))
+        # each role gets only what it reads: uint8 images for the rewards, latents and seeds for the learner
+        assert for_reward.latents is None and for_reward.base_latents is None and for_reward.images.dtype == torch.uint8
+        assert for_learner.images is None and for_learner.seeds == request.seeds
+        assert all(t.device.type == "cpu" for t in (for_reward.images, for_learner.latents, for_learner.base_latents))
+        groups.append(for_learner)
+        scores.append(reward.score(for_reward))
     stats = learner.update(0, scores, *groups)
     assert stats["loss"] == pytest.approx(expected["loss"], rel=1e-5)
     got, want = learner.trainer.generator.trainable_state_dict(), trainer.generator.trainable_state_dict()

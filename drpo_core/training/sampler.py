@@ -9,6 +9,12 @@ from drpo_core.models.generator import OneStepGenerator
 from drpo_core.algorithms.groups import CandidateGroup
 
 
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """Decoded images in [0, 1] → uint8 `[N, 3, H, W]` on CPU: what any reward reads (a PNG, a PIL image),
+    at a quarter of the bytes of fp32, and never a CUDA tensor in a message between processes."""
+    return (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+
+
 class CandidateSampler:
     """Plain worker class: the generator side of DrPO. Runs as-is locally or inside a Ray actor."""
 
@@ -20,15 +26,15 @@ class CandidateSampler:
         latents, images = self.generator.generate([prompt] * len(seeds), seeds)
         base = self.generator.generate([prompt] * len(seeds), seeds, base=True)[0] if self.with_base else None
         return CandidateGroup(group_id=group_id, prompt=prompt, seeds=list(seeds), latents=latents.float(),
-                              images=images, version=self.version, base_latents=None if base is None else base.float(),
-                              metadata=metadata)
+                              images=to_uint8(images), version=self.version,
+                              base_latents=None if base is None else base.float(), metadata=metadata)
 
     def extend(self, group: CandidateGroup, seeds: list[int]) -> CandidateGroup:
         """Another sampling round for the same prompt (binary rewards); base latents stay those of the first K."""
         latents, images = self.generator.generate([group.prompt] * len(seeds), seeds)
         group.seeds = group.seeds + list(seeds)
-        group.latents = torch.cat([group.latents, latents.float()])
-        group.images = torch.cat([group.images, images])
+        group.latents = torch.cat([group.latents, latents.float().to(group.latents.device)])
+        group.images = torch.cat([group.images, to_uint8(images)])
         group.rewards, group.scores = {}, None
         return group
 
