@@ -225,17 +225,17 @@ class RewardRoleConfig(RoleConfig):
 
 
 class LearnerRoleConfig(RoleConfig):
-    """The single learner; a restart resumes from the last checkpoint (an update is never retried)."""
+    """The learner; a restart resumes from the last checkpoint (an update is never retried).
 
+    ``replicas: N > 1`` is a data-parallel learner: N workers in one torch.distributed process group (NCCL on
+    GPU, gloo on CPU), each computing the loss of its share of the step's prompt groups, gradients all-reduced;
+    rank 0 publishes weights and writes checkpoints. ``num_gpus`` etc. are per worker.
+    """
+
+    replicas: int = Field(1, ge=1, description="data-parallel learner workers (gradients all-reduced)")
     num_cpus: float = Field(1.0, ge=0)
-    max_restarts: int = Field(2, ge=-1)
-
-    @field_validator("replicas")
-    @classmethod
-    def _one_learner(cls, v: int) -> int:
-        if v != 1:
-            raise ValueError(f"the learner runs as exactly one replica, got replicas={v}")
-        return v
+    max_restarts: int = Field(2, ge=-1, description="Ray restarts of a lost learner (one worker); with replicas > 1 the "
+                              "controller replaces the whole worker group instead")
 
     @field_validator("max_task_retries")
     @classmethod

@@ -48,6 +48,7 @@ class Replica:
     suspect_since: float | None = None
     last_ok: float = 0.0
     last_error: str = ""
+    info: dict = field(default_factory=dict)  # the last ping: pid, node, device, dtype
 
 
 @dataclass
@@ -176,7 +177,7 @@ class ReplicaPool:
         for r in self.replicas:
             try:
                 info = ray.get(r.handle.ping.remote(), timeout=max(0.1, deadline - time.monotonic()))
-                r.pid, r.node, r.state, r.last_ok = info["pid"], info.get("node"), "up", time.monotonic()
+                r.pid, r.node, r.state, r.last_ok, r.info = info["pid"], info.get("node"), "up", time.monotonic(), info
             except GetTimeoutError:
                 raise PoolExhaustedError(f"{self.name} replica {r.index} did not start within {timeout_s:g}s "
                                          "(runtime.start_timeout_s); is the cluster short of the resources it asks for?") from None
@@ -312,7 +313,7 @@ class ReplicaPool:
             return
         if r.pid is not None and info["pid"] != r.pid:
             self.stats["restarts"] += 1  # Ray restarted the actor (max_restarts); its state was rebuilt
-        r.pid, r.node, r.last_ok = info["pid"], info.get("node"), time.monotonic()
+        r.pid, r.node, r.last_ok, r.info = info["pid"], info.get("node"), time.monotonic(), info
         if r.state in ("starting", "suspect"):
             r.state, r.suspect_since = "up", None
 

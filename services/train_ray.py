@@ -51,9 +51,10 @@ def run_ray(cfg, resume: Path | None, fail: Callable[[str], None]) -> dict:
         except (PlacementError, PoolExhaustedError, LearnerStartError) as e:
             fail(str(e))
         rt, have = cfg.runtime, ray.cluster_resources()
-        console.print(f"ray: {rt.generator.replicas} generator, {rt.reward.replicas} reward, 1 learner replica(s); "
+        console.print(f"ray: {rt.generator.replicas} generator, {rt.reward.replicas} reward, {rt.learner.replicas} learner replica(s); "
                       f"max_staleness {rt.max_staleness}; cluster {have.get('CPU', 0):g} CPU, {have.get('GPU', 0):g} GPU, "
                       f"{len([n for n in ray.nodes() if n.get('Alive')])} node(s)")
+        console.print("devices: " + ", ".join(f"{k.split('/', 1)[1]} ×{v:g}" for k, v in runtime.placement().items()))
         progress = Progress(TextColumn("[bold]DrPO·ray"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
                             TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False)
         controller = Controller(cfg, runtime, out, exporter)
