@@ -28,7 +28,8 @@ class ModelConfig(Section):
     device: str = Field("auto", description="'auto' picks cuda when available, else cpu")
     # speed / memory options (all off by default: on CPU they do not help)
     merge_lora_for_sampling: bool = Field(False, description="sample with the LoRA merged into the base weights "
-                                          "(restored exactly afterwards); a sampling-only generator can stay merged")
+                                          "(restored exactly afterwards); Ray generator actors stay merged between "
+                                          "weight versions (one merge per version)")
     channels_last: bool = Field(False, description="UNet and VAE in channels-last memory format (faster convs on GPU)")
     attention: Literal["default", "sdpa", "classic"] = Field("default", description="attention processor: the library "
                                                               "default, torch SDPA, or the explicit softmax one")
@@ -215,6 +216,9 @@ class RoleConfig(Section):
 
 class GeneratorRoleConfig(RoleConfig):
     """Generator replicas: sample K candidates per prompt group with the newest published weights."""
+
+    batch_groups: int = Field(1, ge=1, description="prompt groups of one step per generate call (one batched forward "
+                              "of up to batch_groups·K candidates); 1 = one group per call")
 
 
 class RewardRoleConfig(RoleConfig):

@@ -133,6 +133,8 @@ class GeneratorActor:
         self.pull_timeout_s = cfg.runtime.request_timeout_s
         self.sampler = CandidateSampler(load_generator(cfg.model, cfg.lora), with_base=cfg.algo.lambda_ref > 0)
         self.sampler.version = -1  # no published weights yet: the first request always pulls
+        if cfg.model.merge_lora_for_sampling:  # sampling-only: stay merged; load_trainable_state_dict re-merges once per version
+            self.sampler.generator.merge_lora(keep=True)
         self.dtype = cfg.model.dtype
 
     def _sync(self, weights: WeightsHandle) -> float:
@@ -153,6 +155,16 @@ class GeneratorActor:
         t0 = time.perf_counter()
         group = self.sampler.sample(request.group_id, request.prompt, request.seeds, request.metadata)
         return group.for_reward(), group.for_learner(), self._info(group, time.perf_counter() - t0, sync)
+
+    def generate_batch(self, weights: WeightsHandle, *requests: GroupRequest) -> tuple:
+        """Several groups in one batched forward (runtime.generator.batch_groups); called with num_returns=2n+1:
+        each group's rewards' and learner's views, then the list of their GenerationInfo."""
+        sync = self._sync(weights)
+        t0 = time.perf_counter()
+        groups = self.sampler.sample_many([(r.group_id, r.prompt, r.seeds, r.metadata) for r in requests])
+        seconds = (time.perf_counter() - t0) / len(groups)  # each group's share of the batch
+        views = [v for g in groups for v in (g.for_reward(), g.for_learner())]
+        return (*views, [self._info(g, seconds, sync if i == 0 else 0.0) for i, g in enumerate(groups)])
 
     def extend(self, weights: WeightsHandle, reward_view: CandidateGroup, learner_view: CandidateGroup,
                seeds: list[int]) -> tuple[CandidateGroup, CandidateGroup, GenerationInfo]:

@@ -28,6 +28,19 @@ from services.weights import WeightStore
 log = logging.getLogger("drpo.pipeline")
 
 
+BATCH_SEP = "|"  # a batched generate call's request id: the member groups' request ids joined
+
+
+def split_batch(c: Completion) -> list[Completion]:
+    """A batched generate completion as one completion per member group (data: its two views, info: its own)."""
+    ids = c.request_id.split(BATCH_SEP)
+    if len(ids) == 1:
+        return [c]
+    if c.error or c.lost_data:
+        return [Completion(i, error=c.error, lost_data=c.lost_data) for i in ids]
+    return [Completion(i, info, c.data[2 * k:2 * k + 2]) for k, (i, info) in enumerate(zip(ids, c.info, strict=True))]
+
+
 class GenerationFailedError(RuntimeError):
     """A prompt group could not be generated within runtime.max_attempts tries."""
 
@@ -62,11 +75,21 @@ class GroupPipeline:
     def issue(self, step: int, prompts: list[str]) -> None:
         """One group per prompt, sampled with the newest published weights."""
         K, seed = self.cfg.algo.num_candidates, self.cfg.trainer.seed
+        fresh = []
         for slot, prompt in enumerate(prompts):
             seeds = [candidate_seed(seed, step, slot, i) for i in range(K)]
             req = GroupRequest(f"{step}:{slot}", step, slot, prompt, seeds, self.metadata.get(prompt))
-            tg = self.groups[req.group_id] = TrackedGroup(req, self.epoch)
-            self._generate(tg)
+            fresh.append(TrackedGroup(req, self.epoch))
+            self.groups[req.group_id] = fresh[-1]
+        n = self.cfg.runtime.generator.batch_groups
+        for start in range(0, len(fresh), n):
+            batch = fresh[start:start + n]
+            if len(batch) == 1:
+                self._generate(batch[0])
+            else:  # one call, one batched forward; its completion is split back into per-group ones (_on_generated)
+                rid = BATCH_SEP.join(self._rid(tg, "generate") for tg in batch)
+                self.generators.submit(rid, "generate_batch", self.weights.newest, *[tg.request for tg in batch],
+                                       num_returns=2 * len(batch) + 1)
 
     def _rid(self, tg: TrackedGroup, stage: str) -> str:
         return f"{tg.request.group_id}@{tg.epoch}.{tg.incarnation}/{stage}{tg.round}"
@@ -103,7 +126,8 @@ class GroupPipeline:
             time.sleep(timeout_s)
         done = set(ready)
         for c in self.generators.process(done):
-            self._on_generated(c)
+            for part in split_batch(c):
+                self._on_generated(part)
         for c in self.rewards.process(done):
             self._on_scored(c)
         return [r for r in extra if r in done]

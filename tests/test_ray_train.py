@@ -223,10 +223,12 @@ def test_sigkilled_ray_driver_resumes_automatically_with_each_step_once(ray_clus
 
 def test_two_data_parallel_learner_workers_through_drpo_train_learn_like_one(ray_cluster, tmp_path, reference):
     """`drpo train` with runtime.learner.replicas=2 (two gloo workers, one group each per step) finishes and
-    follows the one-learner trainer: same step-1 update, each step's B groups seen once, one checkpoint writer."""
+    follows the one-learner trainer: same step-1 update, each step's B groups seen once, one checkpoint writer.
+    The generator makes each step's two groups in one batched call (runtime.generator.batch_groups=2)."""
     out = tmp_path / "dp"
     env = dict(os.environ, RAY_ADDRESS=ray_cluster.address, PYTHONPATH=str(ROOT))
-    sets = [f"--set={o}" for o in [*FAST, f"trainer.steps={STEPS}", "runtime.learner.replicas=2", "runtime.learner.num_cpus=0.4"]]
+    sets = [f"--set={o}" for o in [*FAST, f"trainer.steps={STEPS}", "runtime.learner.replicas=2", "runtime.learner.num_cpus=0.4",
+                                     "runtime.generator.batch_groups=2"]]
     proc = subprocess.run([sys.executable, "-m", "services.cli", "train", "--output-dir", str(out), *sets],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=500)
     assert proc.returncode == 0, proc.stderr[-3000:]
