@@ -262,6 +262,11 @@ class RuntimeConfig(Section):
     max_staleness: int = Field(1, ge=0, description="max policy versions between the sampling and the learning weights (0 = synchronous)")
     staleness_timeout_s: float = Field(60.0, gt=0, description="wait this long for fresh weights, then sample with older ones")
     request_timeout_s: float = Field(300.0, gt=0, description="a generate/score call older than this is re-issued to another replica")
+    hedge_quantile: float | None = Field(0.95, gt=0, le=1, description="re-issue a call sooner: at hedge_factor × this "
+                                         "quantile of the method's recent latencies (null: only at request_timeout_s)")
+    hedge_factor: float = Field(2.0, ge=1)
+    hedge_min_samples: int = Field(20, ge=1, description="finished calls of a method before its quantile is trusted")
+    hedge_floor_s: float = Field(5.0, ge=0, description="never hedge a call younger than this")
     update_timeout_s: float = Field(1800.0, gt=0, description="a learner update older than this counts as a hung learner")
     start_timeout_s: float = Field(300.0, gt=0, description="actors and placement groups must be up within this time")
     health_check_interval_s: float = Field(10.0, gt=0)

@@ -92,7 +92,9 @@ class RayRuntime:
             return ReplicaPool(role.value, factory(role), rc.replicas, max_in_flight=rc.max_in_flight,
                                request_timeout_s=rt.request_timeout_s, max_attempts=rt.max_attempts,
                                restart_budget=rt.replica_restart_budget, health_interval_s=rt.health_check_interval_s,
-                               health_timeout_s=max(30.0, 3 * rt.health_check_interval_s), start_timeout_s=rt.start_timeout_s)
+                               health_timeout_s=max(30.0, 3 * rt.health_check_interval_s), start_timeout_s=rt.start_timeout_s,
+                               hedge_quantile=rt.hedge_quantile, hedge_factor=rt.hedge_factor,
+                               hedge_min_samples=rt.hedge_min_samples, hedge_floor_s=rt.hedge_floor_s)
 
         self = cls(cfg, plan, None, None, None, Path(output_dir), str(resume) if resume else None, classes, group,
                    indices.get(Role.LEARNER) or [None] * rt.learner.replicas, remote)
