@@ -76,8 +76,9 @@ class SimGenerator:
         _sleep(len(request.seeds) * GEN_MS * MS * self.scale)
         n = len(request.seeds)
         group = CandidateGroup(request.group_id, request.prompt, list(request.seeds), torch.zeros(n, 4, 8, 8),
-                               torch.zeros(n, 3, 8, 8), version=self.version, base_latents=torch.zeros(n, 4, 8, 8))
-        return group, GenerationInfo(group.group_id, self.version, n, time.perf_counter() - t0, sync, os.getpid(), None)
+                               torch.zeros(n, 3, 8, 8, dtype=torch.uint8), version=self.version, base_latents=torch.zeros(n, 4, 8, 8))
+        info = GenerationInfo(group.group_id, self.version, n, time.perf_counter() - t0, sync, os.getpid(), None)
+        return group.for_reward(), group.for_learner(), info  # GeneratorActor.generate's three returns
 
     def ping(self) -> dict:
         return {"pid": os.getpid(), "node": None}

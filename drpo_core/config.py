@@ -34,7 +34,8 @@ class ModelConfig(Section):
     device: str = Field("auto", description="'auto' picks cuda when available, else cpu")
     # speed / memory options (all off by default: on CPU they do not help)
     merge_lora_for_sampling: bool = Field(False, description="sample with the LoRA merged into the base weights "
-                                          "(restored exactly afterwards); a sampling-only generator can stay merged")
+                                          "(restored exactly afterwards); Ray generator actors stay merged between "
+                                          "weight versions (one merge per version)")
     channels_last: bool = Field(False, description="UNet and VAE in channels-last memory format (faster convs on GPU)")
     attention: Literal["default", "sdpa", "classic"] = Field("default", description="attention processor: the library "
                                                               "default, torch SDPA, or the explicit softmax one")
@@ -249,6 +250,9 @@ class RoleConfig(Section):
 class GeneratorRoleConfig(RoleConfig):
     """Generator replicas: sample K candidates per prompt group with the newest published weights."""
 
+    batch_groups: int = Field(1, ge=1, description="prompt groups of one step per generate call (one batched forward "
+                              "of up to batch_groups·K candidates); 1 = one group per call")
+
 
 class RewardRoleConfig(RoleConfig):
     """Reward-server replicas: scoring is idempotent, so a call may be retried on a restarted replica."""
@@ -258,17 +262,17 @@ class RewardRoleConfig(RoleConfig):
 
 
 class LearnerRoleConfig(RoleConfig):
-    """The single learner; a restart resumes from the last checkpoint (an update is never retried)."""
+    """The learner; a restart resumes from the last checkpoint (an update is never retried).
 
+    ``replicas: N > 1`` is a data-parallel learner: N workers in one torch.distributed process group (NCCL on
+    GPU, gloo on CPU), each computing the loss of its share of the step's prompt groups, gradients all-reduced;
+    rank 0 publishes weights and writes checkpoints. ``num_gpus`` etc. are per worker.
+    """
+
+    replicas: int = Field(1, ge=1, description="data-parallel learner workers (gradients all-reduced)")
     num_cpus: float = Field(1.0, ge=0)
-    max_restarts: int = Field(2, ge=-1)
-
-    @field_validator("replicas")
-    @classmethod
-    def _one_learner(cls, v: int) -> int:
-        if v != 1:
-            raise ValueError(f"the learner runs as exactly one replica, got replicas={v}")
-        return v
+    max_restarts: int = Field(2, ge=-1, description="Ray restarts of a lost learner (one worker); with replicas > 1 the "
+                              "controller replaces the whole worker group instead")
 
     @field_validator("max_task_retries")
     @classmethod
@@ -291,6 +295,11 @@ class RuntimeConfig(Section):
     max_staleness: int = Field(1, ge=0, description="max policy versions between the sampling and the learning weights (0 = synchronous)")
     staleness_timeout_s: float = Field(60.0, gt=0, description="wait this long for fresh weights, then sample with older ones")
     request_timeout_s: float = Field(300.0, gt=0, description="a generate/score call older than this is re-issued to another replica")
+    hedge_quantile: float | None = Field(0.95, gt=0, le=1, description="re-issue a call sooner: at hedge_factor × this "
+                                         "quantile of the method's recent latencies (null: only at request_timeout_s)")
+    hedge_factor: float = Field(2.0, ge=1)
+    hedge_min_samples: int = Field(20, ge=1, description="finished calls of a method before its quantile is trusted")
+    hedge_floor_s: float = Field(5.0, ge=0, description="never hedge a call younger than this")
     update_timeout_s: float = Field(1800.0, gt=0, description="a learner update older than this counts as a hung learner")
     start_timeout_s: float = Field(300.0, gt=0, description="actors and placement groups must be up within this time")
     health_check_interval_s: float = Field(10.0, gt=0)

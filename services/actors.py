@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from drpo_core.models.generator import load_generator
 from drpo_core.algorithms.groups import CandidateGroup
 from drpo_core.algorithms.normalizer import RunningStats
 from services.rewards import build_reward  # grpc / flow_grpo clients live in services
+from drpo_core.training import data_parallel
 from drpo_core.training.sampler import CandidateSampler
 from drpo_core.training.scoring import RewardScorer
 from drpo_core.training.trainer import DrpoTrainer, build_rewards
@@ -86,6 +88,35 @@ def _whereabouts(**extra) -> dict:
     return {"pid": os.getpid(), "node": node, **extra}
 
 
+class DeviceUnavailableError(RuntimeError):
+    """A role was given GPUs but its actor cannot use CUDA (no device visible, driver too old for this torch)."""
+
+
+def check_gpu(role: str, num_gpus: float) -> None:
+    """A role with ``num_gpus > 0`` must see CUDA: stop at start in one line instead of training on the CPU
+    without a word (``model.device: auto`` would fall back silently)."""
+    if num_gpus <= 0:
+        return
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        usable = torch.cuda.is_available()  # warns e.g. "The NVIDIA driver on your system is too old"
+    if usable:
+        return
+    why = "; ".join(str(w.message).strip().splitlines()[0] for w in caught) or "torch.cuda.is_available() is False"
+    raise DeviceUnavailableError(f"runtime.{role}.num_gpus={num_gpus:g} but this {role} actor cannot use CUDA "
+                                 f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}, torch {torch.__version__} "
+                                 f"built for CUDA {torch.version.cuda}): {why}")
+
+
+def device_report(device: torch.device, dtype: str) -> dict:
+    """Where a role computes, for the start-up log and the ``placement/{role}/{device}/{dtype}`` metric."""
+    report = {"device": str(device), "dtype": dtype, "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
+    if device.type == "cuda":
+        report["gpu_memory_gb"] = torch.cuda.get_device_properties(device).total_memory / 1024 ** 3
+        report["gpu_name"] = torch.cuda.get_device_name(device)
+    return report
+
+
 def _pull(handle: WeightsHandle, timeout_s: float) -> dict[str, torch.Tensor]:
     import ray
 
@@ -98,9 +129,13 @@ class GeneratorActor:
 
     def __init__(self, cfg_json: str):
         cfg = _config(cfg_json)
+        check_gpu("generator", cfg.runtime.generator.num_gpus)
         self.pull_timeout_s = cfg.runtime.request_timeout_s
         self.sampler = CandidateSampler.for_algo(load_generator(cfg.model, cfg.lora), cfg.algo)
         self.sampler.version = -1  # no published weights yet: the first request always pulls
+        if cfg.model.merge_lora_for_sampling:  # sampling-only: stay merged; load_trainable_state_dict re-merges once per version
+            self.sampler.generator.merge_lora(keep=True)
+        self.dtype = cfg.model.dtype
 
     def _sync(self, weights: WeightsHandle) -> float:
         """Pull the published version if ours differs (a restarted learner may publish an older one)."""
@@ -110,25 +145,41 @@ class GeneratorActor:
         self.sampler.set_weights(_pull(weights, self.pull_timeout_s), weights.version)
         return time.perf_counter() - t0
 
-    def generate(self, weights: WeightsHandle, request: GroupRequest) -> tuple[CandidateGroup, GenerationInfo]:
+    def generate(self, weights: WeightsHandle, request: GroupRequest) -> tuple[CandidateGroup, CandidateGroup, GenerationInfo]:
+        """Called with num_returns=3: the rewards' view (uint8 images), the learner's view (latents, seeds), the info.
+
+        Two objects, so each role pulls only what it reads: the learner never receives images (at 512 px,
+        K=24: 75 MB of fp32 images per group before, 3 MB of latents now); both are CPU tensors.
+        """
         sync = self._sync(weights)
         t0 = time.perf_counter()
         group = self.sampler.sample(request.group_id, request.prompt, request.seeds, request.metadata)
-        return group, self._info(group, time.perf_counter() - t0, sync)
+        return group.for_reward(), group.for_learner(), self._info(group, time.perf_counter() - t0, sync)
 
-    def extend(self, weights: WeightsHandle, group: CandidateGroup, seeds: list[int]) -> tuple[CandidateGroup, GenerationInfo]:
-        """Another K-candidate round for a binary reward that found too few passes or fails."""
+    def generate_batch(self, weights: WeightsHandle, *requests: GroupRequest) -> tuple:
+        """Several groups in one batched forward (runtime.generator.batch_groups); called with num_returns=2n+1:
+        each group's rewards' and learner's views, then the list of their GenerationInfo."""
         sync = self._sync(weights)
         t0 = time.perf_counter()
-        group = self.sampler.extend(group, seeds)
-        return group, self._info(group, time.perf_counter() - t0, sync)
+        groups = self.sampler.sample_many([(r.group_id, r.prompt, r.seeds, r.metadata) for r in requests])
+        seconds = (time.perf_counter() - t0) / len(groups)  # each group's share of the batch
+        views = [v for g in groups for v in (g.for_reward(), g.for_learner())]
+        return (*views, [self._info(g, seconds, sync if i == 0 else 0.0) for i, g in enumerate(groups)])
+
+    def extend(self, weights: WeightsHandle, reward_view: CandidateGroup, learner_view: CandidateGroup,
+               seeds: list[int]) -> tuple[CandidateGroup, CandidateGroup, GenerationInfo]:
+        """Another K-candidate round for a binary reward that found too few passes or fails (num_returns=3)."""
+        sync = self._sync(weights)
+        t0 = time.perf_counter()
+        group = self.sampler.extend(CandidateGroup.joined(reward_view, learner_view), seeds)
+        return group.for_reward(), group.for_learner(), self._info(group, time.perf_counter() - t0, sync)
 
     def _info(self, group: CandidateGroup, seconds: float, sync: float) -> GenerationInfo:
         where = _whereabouts()
         return GenerationInfo(group.group_id, group.version, group.size, seconds, sync, where["pid"], where["node"])
 
     def ping(self) -> dict:
-        return _whereabouts(version=self.sampler.version)
+        return _whereabouts(version=self.sampler.version, **device_report(self.sampler.generator.device, self.dtype))
 
 
 class RewardActor:
@@ -136,6 +187,7 @@ class RewardActor:
 
     def __init__(self, cfg_json: str):
         cfg = _config(cfg_json)
+        check_gpu("reward", cfg.runtime.reward.num_gpus)
         self.scorer = RewardScorer(build_rewards(cfg, builder=build_reward), binary=cfg.algo.binary_threshold is not None,
                                    shuffle_seed=cfg.trainer.seed if cfg.algo.shuffle_rewards else None)
 
@@ -146,7 +198,9 @@ class RewardActor:
                            time.perf_counter() - t0)
 
     def ping(self) -> dict:
-        return _whereabouts()
+        fn = next(iter(self.scorer.rewards.values()))[0]
+        device = getattr(fn, "device", None)  # model rewards hold a device; remote and pixel rewards compute on CPU here
+        return _whereabouts(**device_report(torch.device(device) if device is not None else torch.device("cpu"), "float32"))
 
 
 class LearnerActor:
@@ -161,11 +215,47 @@ class LearnerActor:
 
     def __init__(self, cfg_json: str, output_dir: str, resume: str | None = None):
         cfg = _config(cfg_json)
+        check_gpu("learner", cfg.runtime.learner.num_gpus)
         first = cfg.rewards[0]
         self.trainer = DrpoTrainer(cfg, output_dir=Path(output_dir), rewards={first.label: (build_reward(first), first.weight)})
         self.checkpoint_dir = latest_checkpoint(Path(output_dir)) or (resume and (latest_checkpoint(Path(resume)) or Path(resume)))
         if self.checkpoint_dir:
             self.trainer.resume(Path(self.checkpoint_dir))
+        self.rank = 0  # data parallel: set by join(); rank 0 alone publishes, checkpoints and evaluates
+
+    # -- data parallel (runtime.learner.replicas > 1) -----------------------------------------------
+    def rendezvous(self) -> tuple[str, int]:
+        """Rank 0: this node's address and a free port, where the other workers meet it (as Ray Train's
+        TorchConfig does for its worker group)."""
+        import socket
+
+        import ray
+
+        with socket.socket() as sock:
+            sock.bind(("", 0))
+            port = sock.getsockname()[1]
+        return ray.util.get_node_ip_address(), port
+
+    def join(self, address: str, port: int, rank: int, world: int, timeout_s: float) -> dict:
+        """Enter the learners' process group (NCCL on GPU, gloo on CPU) and take rank 0's state: weights,
+        optimizer, scheduler and version (a worker that found another checkpoint, or none, starts where rank 0 is)."""
+        from datetime import timedelta
+
+        import torch.distributed as dist
+
+        t = self.trainer
+        backend = "nccl" if t.generator.device.type == "cuda" else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(t.generator.device)
+        dist.init_process_group(backend, init_method=f"tcp://{address}:{port}", rank=rank, world_size=world,
+                                timeout=timedelta(seconds=timeout_s))
+        state = data_parallel.broadcast_state(t.generator.trainable_parameters(),
+                                              {"learner": t.learner.state(), "step": t.step} if rank == 0 else None)
+        if rank != 0:
+            t.learner.load_state(state["learner"])
+            t.step = state["step"]
+        self.rank = rank
+        return {"rank": rank, "world": world, "backend": backend, "version": t.learner.version}
 
     def restore_point(self) -> dict:
         """What the controller continues from: step, weight version, prompt position, reward history."""
@@ -180,7 +270,7 @@ class LearnerActor:
                                         f"{self.checkpoint_dir}), the controller expected {version}")
 
     def update(self, expect_version: int, scores: list[ScoreResult], *groups: CandidateGroup) -> dict[str, float]:
-        """One DrPO step on scored groups (Ray resolves the group references before the call)."""
+        """One DrPO step on scored groups: their learner views (Ray resolves the references before the call)."""
         self._expect(expect_version)
         t0 = time.perf_counter()
         for g, s in zip(groups, scores, strict=True):
@@ -214,7 +304,10 @@ class LearnerActor:
         return self.trainer.evaluate(seeds)
 
     def ping(self) -> dict:
-        return _whereabouts(version=self.trainer.learner.version)
+        t = self.trainer
+        precision = t.cfg.trainer.mixed_precision if t.generator.device.type == "cuda" else "no"  # autocast_context's rule
+        dtype = t.cfg.model.dtype if precision == "no" else f"{t.cfg.model.dtype}+{'fp16' if precision == 'fp16' else 'bf16'}"
+        return _whereabouts(version=t.learner.version, **device_report(t.generator.device, dtype))
 
 
 def running_stats(state: dict) -> RunningStats:

@@ -65,7 +65,8 @@ def train(
     set_: list[str] = SetOpt,
     output_dir: Optional[Path] = typer.Option(None, "--output-dir", "-o", help="run folder (default: output.dir)"),
     local: bool = typer.Option(False, "--local", help="run every worker in this process (no Ray)"),
-    resume: Optional[Path] = typer.Option(None, "--resume", help="run folder or checkpoint folder to continue from"),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="run folder or checkpoint folder to continue from; "
+                                          "'auto': the output dir's newest checkpoint, or a fresh start if it has none"),
 ) -> None:
     """Train with DrPO and write metrics, reward curve, sample grids and checkpoints."""
     cfg = load(config, set_, output_dir)

@@ -47,6 +47,13 @@ class LearnerHungError(LearnerLostError):
     """A learner call ran past its timeout: the actor is replaced, not waited for."""
 
 
+def shares(items: list, n: int) -> list[list]:
+    """``items`` in ``n`` contiguous parts whose sizes differ by at most one (the first ones get the extra)."""
+    q, r = divmod(len(items), n)
+    bounds = [i * q + min(i, r) for i in range(n + 1)]
+    return [items[bounds[i]:bounds[i + 1]] for i in range(n)]
+
+
 class StageTimer(dict):
     @contextmanager
     def __call__(self, key: str):
@@ -66,6 +73,7 @@ class Controller:
         self.counters: Counter = Counter()
         self.step = self.next_issue = 0
         self.sampler_states: dict[int, dict] = {}
+        self.metrics: MetricsWriter | None = None
         self.reward_history: dict = {}  # running reward stats (reward/<label>/normalized), checkpointed by the learner
 
     # -- the loop (reads like the algorithm box) --------------------------------------------------
@@ -75,6 +83,7 @@ class Controller:
         (out / "config.yaml").write_text(dump_config(self.cfg))
         self.restore()  # step, version and prompt position of the learner's checkpoint (step 0 when new)
         tracker = RunTracker(out, self.cfg, start_step=self.step, resuming=resume is not None)  # the one writer, on the driver
+        self.metrics = tracker.metrics  # a learner rollback rewinds it (each step once in metrics.jsonl)
         try:
             if resume is None:
                 tracker.image("samples", self.save_samples("step_0"), 0)
@@ -120,9 +129,12 @@ class Controller:
     def learn(self, t: int, groups: list[TrackedGroup]) -> tuple[dict, list[TrackedGroup]]:
         """learner.update on the step's groups; groups whose data died with a node are made again first."""
         while True:
-            update = self.rt.learner.update.remote(self.weights.version, [g.score for g in groups], *[g.group_ref for g in groups])
+            # data parallel: worker w gets a contiguous share of the groups; all return the step's summed stats
+            workers = self.rt.learner_workers
+            updates = [w.update.remote(self.weights.version, [g.score for g in part], *[g.learner_ref for g in part])
+                       for w, part in zip(workers, shares(groups, len(workers)))]
             try:
-                return self.wait_learner(update, self.cfg.runtime.update_timeout_s, fallback=True), groups
+                return [self.wait_learner(u, self.cfg.runtime.update_timeout_s, fallback=True) for u in updates][0], groups
             except ObjectLostError as e:  # the update never ran: its arguments were gone
                 log.warning("step %d: group data lost (%s); regenerating its groups", t + 1, short_error(e))
                 self.pipeline.regenerate(groups)
@@ -193,13 +205,15 @@ class Controller:
         log.warning("learner lost at step %d (%s); resuming from its last checkpoint", self.step, why)
         self.pipeline.reset()
         try:
-            if isinstance(error, LearnerHungError):
+            if isinstance(error, LearnerHungError) or self.rt.data_parallel:  # one lost worker breaks the process group
                 raise error
             self.rt.wait_learner(self.cfg.runtime.start_timeout_s)
         except Exception:  # hung, or its Ray restarts are spent: a fresh actor reads the same checkpoint
             self.rt.replace_learner()
             self.rt.wait_learner(self.cfg.runtime.start_timeout_s)
         self.restore()
+        if self.metrics is not None:
+            self.metrics.rewind(self.step)  # the steps after the checkpoint are redone: a reader sees each once
 
     def save_checkpoint(self) -> str:
         # the prompt position right after this step's prompts, not after the look-ahead already issued
@@ -259,6 +273,7 @@ class Controller:
         stats["runtime/missing_groups"] = float(self.pipeline.counters["missing_groups"])
         stats["runtime/staleness_fallbacks"] = float(self.counters["staleness_fallbacks"])
         stats["runtime/learner_restarts"] = float(self.counters["learner_restarts"])
+        stats.update(self.rt.placement())  # placement/{role}/{device}/{dtype}: replicas
         for name, p in pools.items():
             stats.update({f"pool/{name}/replicas": float(p.size), f"pool/{name}/restarts": float(p.stats["restarts"]),
                           f"pool/{name}/timeouts": float(p.stats["timeouts"])})

@@ -62,6 +62,7 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("update/lr", "drpo_update_lr", G, "learning rate"),
     MetricSpec("update/policy_lag", "drpo_update_policy_lag", G, "mean versions between sampling and learning weights"),
     MetricSpec("skipped/{reason}", "drpo_skipped_groups", G, "groups skipped by the ranking, by reason"),
+    MetricSpec("placement/{role}/{device}/{dtype}", "drpo_role_replicas", G, "live replicas of a role by device and dtype"),
     # wall time: time/* as in the local trainer, timing/* per stage of the distributed runtime
     MetricSpec("time/sample_score_s", "drpo_time_sample_score_seconds", G, "controller time until the step's groups were scored"),
     MetricSpec("time/update_s", "drpo_time_update_seconds", G, "controller time until the update was applied and published"),

@@ -28,6 +28,19 @@ from services.weights import WeightStore
 log = logging.getLogger("drpo.pipeline")
 
 
+BATCH_SEP = "|"  # a batched generate call's request id: the member groups' request ids joined
+
+
+def split_batch(c: Completion) -> list[Completion]:
+    """A batched generate completion as one completion per member group (data: its two views, info: its own)."""
+    ids = c.request_id.split(BATCH_SEP)
+    if len(ids) == 1:
+        return [c]
+    if c.error or c.lost_data:
+        return [Completion(i, error=c.error, lost_data=c.lost_data) for i in ids]
+    return [Completion(i, info, c.data[2 * k:2 * k + 2]) for k, (i, info) in enumerate(zip(ids, c.info, strict=True))]
+
+
 class GenerationFailedError(RuntimeError):
     """A prompt group could not be generated within runtime.max_attempts tries."""
 
@@ -39,7 +52,8 @@ class TrackedGroup:
     incarnation: int = 0  # bumped when the group's data died with a node and it is made again
     round: int = 0
     stage: str = "generate"  # generate | score | ready
-    group_ref: Any = None
+    group_ref: Any = None  # the rewards' view (uint8 images)
+    learner_ref: Any = None  # the learner's view (latents, seeds; no images)
     node: str | None = None  # where the group's data lives
     version: int = -1
     first_score: ScoreResult | None = None  # round-0 rewards: the step's reward statistics (as the trainer)
@@ -61,11 +75,21 @@ class GroupPipeline:
     def issue(self, step: int, prompts: list[str]) -> None:
         """One group per prompt, sampled with the newest published weights."""
         K, seed = self.cfg.algo.num_candidates, self.cfg.trainer.seed
+        fresh = []
         for slot, prompt in enumerate(prompts):
             seeds = [candidate_seed(seed, step, slot, i) for i in range(K)]
             req = GroupRequest(f"{step}:{slot}", step, slot, prompt, seeds, self.metadata.get(prompt))
-            tg = self.groups[req.group_id] = TrackedGroup(req, self.epoch)
-            self._generate(tg)
+            fresh.append(TrackedGroup(req, self.epoch))
+            self.groups[req.group_id] = fresh[-1]
+        n = self.cfg.runtime.generator.batch_groups
+        for start in range(0, len(fresh), n):
+            batch = fresh[start:start + n]
+            if len(batch) == 1:
+                self._generate(batch[0])
+            else:  # one call, one batched forward; its completion is split back into per-group ones (_on_generated)
+                rid = BATCH_SEP.join(self._rid(tg, "generate") for tg in batch)
+                self.generators.submit(rid, "generate_batch", self.weights.newest, *[tg.request for tg in batch],
+                                       num_returns=2 * len(batch) + 1)
 
     def _rid(self, tg: TrackedGroup, stage: str) -> str:
         return f"{tg.request.group_id}@{tg.epoch}.{tg.incarnation}/{stage}{tg.round}"
@@ -82,11 +106,12 @@ class GroupPipeline:
 
     def _generate(self, tg: TrackedGroup) -> None:
         if tg.round == 0:
-            self.generators.submit(self._rid(tg, "generate"), "generate", self.weights.newest, tg.request, num_returns=2)
+            self.generators.submit(self._rid(tg, "generate"), "generate", self.weights.newest, tg.request, num_returns=3)
             return
         K, r = self.cfg.algo.num_candidates, tg.round
         seeds = [candidate_seed(self.cfg.trainer.seed, tg.request.step, tg.request.slot, r * K + i) for i in range(K)]
-        self.generators.submit(self._rid(tg, "generate"), "extend", self.weights.newest, tg.group_ref, seeds, num_returns=2)
+        self.generators.submit(self._rid(tg, "generate"), "extend", self.weights.newest, tg.group_ref, tg.learner_ref, seeds,
+                               num_returns=3)
 
     # -- progress ---------------------------------------------------------------------------------
     def pump(self, extra: list = (), timeout_s: float = 0.1) -> list:
@@ -101,7 +126,8 @@ class GroupPipeline:
             time.sleep(timeout_s)
         done = set(ready)
         for c in self.generators.process(done):
-            self._on_generated(c)
+            for part in split_batch(c):
+                self._on_generated(part)
         for c in self.rewards.process(done):
             self._on_scored(c)
         return [r for r in extra if r in done]
@@ -125,7 +151,8 @@ class GroupPipeline:
         if c.error:
             raise GenerationFailedError(f"prompt group {tg.request.group_id} ({tg.request.prompt!r}): {c.error}")
         info: GenerationInfo = c.info
-        tg.group_ref, tg.node, tg.version = c.data[0], info.node, info.version if tg.round == 0 else tg.version
+        tg.group_ref, tg.learner_ref, tg.node = c.data[0], c.data[1], info.node
+        tg.version = info.version if tg.round == 0 else tg.version
         tg.generate_s, tg.sync_s = tg.generate_s + info.seconds, tg.sync_s + info.sync_seconds
         tg.stage = "score"
         self.rewards.submit(self._rid(tg, "score"), "score", tg.group_ref)

@@ -20,6 +20,7 @@ control record) by value and leave the others (the data) in the object store.
 
 from __future__ import annotations
 
+import math
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
@@ -48,6 +49,7 @@ class Replica:
     suspect_since: float | None = None
     last_ok: float = 0.0
     last_error: str = ""
+    info: dict = field(default_factory=dict)  # the last ping: pid, node, device, dtype
 
 
 @dataclass
@@ -97,12 +99,16 @@ class ReplicaPool:
     def __init__(self, name: str, factory: Callable[[int], Any], size: int, *, max_in_flight: int = 2,
                  request_timeout_s: float = 300.0, max_attempts: int = 3, restart_budget: int = 4,
                  health_interval_s: float = 10.0, health_timeout_s: float = 30.0, start_timeout_s: float = 300.0,
-                 stuck_after_s: float | None = None):
+                 stuck_after_s: float | None = None, hedge_quantile: float | None = None, hedge_factor: float = 2.0,
+                 hedge_min_samples: int = 20, hedge_floor_s: float = 0.0):
         self.name, self.factory = name, factory
         self.max_in_flight, self.request_timeout_s, self.max_attempts = max_in_flight, request_timeout_s, max_attempts
         self.restart_budget, self.health_interval_s = restart_budget, health_interval_s
         self.health_timeout_s, self.start_timeout_s = health_timeout_s, start_timeout_s
         self.stuck_after_s = stuck_after_s or 3 * request_timeout_s  # a call this old on a live replica: replace it
+        self.hedge_quantile, self.hedge_factor = hedge_quantile, hedge_factor
+        self.hedge_min_samples, self.hedge_floor_s = hedge_min_samples, hedge_floor_s
+        self.latencies: dict[str, deque] = {}  # method → durations of its recent successful calls
         self.replicas: list[Replica] = []
         self.queue: deque[Request] = deque()
         self.calls: dict[Any, Call] = {}
@@ -176,7 +182,7 @@ class ReplicaPool:
         for r in self.replicas:
             try:
                 info = ray.get(r.handle.ping.remote(), timeout=max(0.1, deadline - time.monotonic()))
-                r.pid, r.node, r.state, r.last_ok = info["pid"], info.get("node"), "up", time.monotonic()
+                r.pid, r.node, r.state, r.last_ok, r.info = info["pid"], info.get("node"), "up", time.monotonic(), info
             except GetTimeoutError:
                 raise PoolExhaustedError(f"{self.name} replica {r.index} did not start within {timeout_s:g}s "
                                          "(runtime.start_timeout_s); is the cluster short of the resources it asks for?") from None
@@ -248,7 +254,19 @@ class ReplicaPool:
             self.stats["duplicates_dropped"] += 1
             return []
         req.done = True
+        self.latencies.setdefault(req.method, deque(maxlen=256)).append(time.monotonic() - call.started)
         return [Completion(req.request_id, info, tuple(call.refs[:-1]))]
+
+    def hedge_after(self, method: str) -> float:
+        """Age at which a call of ``method`` gets a second copy on another replica: ``hedge_factor`` × the
+        ``hedge_quantile`` of its recent latencies (once ``hedge_min_samples`` calls finished), at least
+        ``hedge_floor_s`` and at most ``request_timeout_s`` (the fixed deadline before enough samples)."""
+        seen = self.latencies.get(method, ())
+        if self.hedge_quantile is None or len(seen) < self.hedge_min_samples:
+            return self.request_timeout_s
+        ordered = sorted(seen)
+        quantile = ordered[max(0, math.ceil(self.hedge_quantile * len(ordered)) - 1)]  # nearest rank
+        return min(self.request_timeout_s, max(self.hedge_floor_s, self.hedge_factor * quantile))
 
     def _retry(self, req: Request, error: str) -> list[Completion]:
         req.last_error = error
@@ -266,12 +284,14 @@ class ReplicaPool:
         now, out = time.monotonic(), []
         for key, call in list(self.calls.items()):
             age, req = now - call.started, call.request
-            if req.done or age < self.request_timeout_s:
+            limit = self.hedge_after(req.method)
+            if req.done or age < limit:
                 continue
             if not call.hedged:  # re-issue elsewhere; the first copy to finish wins
                 call.hedged = True
                 self.stats["timeouts"] += 1
-                self._suspect(call.replica, f"call {req.request_id} ran past {self.request_timeout_s:g}s")
+                if age >= self.request_timeout_s:  # a slow call past the latency quantile alone is no sign of a sick replica
+                    self._suspect(call.replica, f"call {req.request_id} ran past {self.request_timeout_s:g}s")
                 if req.attempts < self.max_attempts:
                     self.stats["requeued"] += 1
                     self.queue.appendleft(req)
@@ -312,7 +332,7 @@ class ReplicaPool:
             return
         if r.pid is not None and info["pid"] != r.pid:
             self.stats["restarts"] += 1  # Ray restarted the actor (max_restarts); its state was rebuilt
-        r.pid, r.node, r.last_ok = info["pid"], info.get("node"), time.monotonic()
+        r.pid, r.node, r.last_ok, r.info = info["pid"], info.get("node"), time.monotonic(), info
         if r.state in ("starting", "suspect"):
             r.state, r.suspect_since = "up", None
 

@@ -100,6 +100,8 @@ class ResourcePlan:
         custom = {k: v for k, v in plan.bundle.items() if k not in ("CPU", "GPU")}
         env = dict(plan.runtime_env or {})
         env["env_vars"] = {**self.extra_env, **env.get("env_vars", {})}
+        if plan.bundle.get("GPU", 0.0) == 0:  # Ray 2.60 no longer blanks it: a GPU-less role would still see every GPU
+            env["env_vars"].setdefault("CUDA_VISIBLE_DEVICES", "")
         options: dict[str, Any] = {"num_cpus": plan.bundle.get("CPU", 0.0), "num_gpus": plan.bundle.get("GPU", 0.0),
                                    "max_restarts": plan.max_restarts, "max_task_retries": plan.max_task_retries,
                                    "runtime_env": env}

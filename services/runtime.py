@@ -65,8 +65,11 @@ class RayRuntime:
     resume: str | None
     classes: RoleClasses
     placement_group: Any = None
-    learner_bundle: int | None = None
+    learner_bundles: list = field(default_factory=list)  # placement-group bundle of each learner worker (or None)
     _remote: dict = field(default_factory=dict)
+    learner_workers: list = field(default_factory=list)  # data-parallel ranks; learner_workers[0] is self.learner
+    _joined: bool = False
+    learner_pings: list = field(default_factory=list)
 
     @classmethod
     def start(cls, cfg: DrpoConfig, output_dir: Path, resume: Path | None = None, classes: RoleClasses | None = None) -> "RayRuntime":
@@ -89,10 +92,12 @@ class RayRuntime:
             return ReplicaPool(role.value, factory(role), rc.replicas, max_in_flight=rc.max_in_flight,
                                request_timeout_s=rt.request_timeout_s, max_attempts=rt.max_attempts,
                                restart_budget=rt.replica_restart_budget, health_interval_s=rt.health_check_interval_s,
-                               health_timeout_s=max(30.0, 3 * rt.health_check_interval_s), start_timeout_s=rt.start_timeout_s)
+                               health_timeout_s=max(30.0, 3 * rt.health_check_interval_s), start_timeout_s=rt.start_timeout_s,
+                               hedge_quantile=rt.hedge_quantile, hedge_factor=rt.hedge_factor,
+                               hedge_min_samples=rt.hedge_min_samples, hedge_floor_s=rt.hedge_floor_s)
 
         self = cls(cfg, plan, None, None, None, Path(output_dir), str(resume) if resume else None, classes, group,
-                   indices.get(Role.LEARNER, [None])[0], remote)
+                   indices.get(Role.LEARNER) or [None] * rt.learner.replicas, remote)
         try:
             self.learner = self.new_learner()
             self.generators, self.rewards = pool(Role.GENERATOR), pool(Role.REWARD)
@@ -104,36 +109,72 @@ class RayRuntime:
             raise
         return self
 
+    @property
+    def data_parallel(self) -> bool:
+        return self.cfg.runtime.learner.replicas > 1
+
     def new_learner(self):
-        opts = self.plan.actor_options(Role.LEARNER, self.placement_group, self.learner_bundle)
-        return self._remote[Role.LEARNER].options(**opts).remote(self.cfg.model_dump_json(), str(self.output_dir), self.resume)
+        """The learner workers (one per runtime.learner.replicas); returns rank 0, the one that publishes,
+        checkpoints and evaluates. With several, none is restarted by Ray on its own: a lost worker breaks
+        the process group, so the controller replaces the whole group (which resumes from the checkpoint)."""
+        workers = []
+        for bundle in self.learner_bundles:
+            opts = self.plan.actor_options(Role.LEARNER, self.placement_group if bundle is not None else None, bundle)
+            if self.data_parallel:
+                opts["max_restarts"] = 0
+            workers.append(self._remote[Role.LEARNER].options(**opts).remote(self.cfg.model_dump_json(), str(self.output_dir), self.resume))
+        self.learner_workers, self._joined = workers, False
+        return workers[0]
 
     def wait_learner(self, timeout_s: float) -> dict:
-        """The learner's ping, raising :class:`LearnerStartError` with the constructor's last error line."""
+        """Every learner worker's ping (and, data-parallel, the process group formed through rank 0's
+        rendezvous), raising :class:`LearnerStartError` with the constructor's last error line."""
         try:
-            return ray.get(self.learner.ping.remote(), timeout=timeout_s)
+            pings = self.learner_pings = ray.get([w.ping.remote() for w in self.learner_workers], timeout=timeout_s)
+            if self.data_parallel and not self._joined:
+                address, port = ray.get(self.learner.rendezvous.remote(), timeout=timeout_s)
+                n = len(self.learner_workers)
+                ray.get([w.join.remote(address, port, rank, n, self.cfg.runtime.update_timeout_s)
+                         for rank, w in enumerate(self.learner_workers)], timeout=timeout_s)
+                self._joined = True
+            return pings[0]
         except GetTimeoutError:
             raise LearnerStartError(f"the learner did not start within {timeout_s:g}s (runtime.start_timeout_s)") from None
         except RayError as e:
             raise LearnerStartError(f"the learner failed to start: {short_error(e)}") from None
 
+    def placement(self) -> dict[str, float]:
+        """``placement/{role}/{device}/{dtype}`` → live replicas there (the start-up line and a metric)."""
+        live = ("up", "suspect")
+        infos = {"generator": [r.info for r in self.generators.replicas if r.state in live],
+                 "reward": [r.info for r in self.rewards.replicas if r.state in live], "learner": self.learner_pings}
+        out: dict[str, float] = {}
+        for role, found in infos.items():
+            for info in found:
+                key = f"placement/{role}/{info.get('device', 'unknown')}/{info.get('dtype', 'unknown')}"
+                out[key] = out.get(key, 0.0) + 1.0
+        return out
+
     def replace_learner(self) -> None:
-        """After the learner died for good (Ray restarts spent): a new one resumes from the last checkpoint."""
-        try:
-            ray.kill(self.learner, no_restart=True)
-        except Exception:  # already gone
-            pass
+        """After the learner died for good (Ray restarts spent, or a data-parallel worker lost): new workers
+        resume from the last checkpoint."""
+        self._kill_learners()
         self.learner = self.new_learner()
+
+    def _kill_learners(self) -> None:
+        for w in self.learner_workers:
+            try:
+                ray.kill(w, no_restart=True)
+            except Exception:  # already gone
+                pass
+        self.learner_workers = []
 
     def shutdown(self) -> None:
         for p in (self.generators, self.rewards):
             if p is not None:
                 p.shutdown()
         if self.learner is not None:
-            try:
-                ray.kill(self.learner, no_restart=True)
-            except Exception:
-                pass
+            self._kill_learners()
             self.learner = None
         if self.placement_group is not None:
             from ray.util.placement_group import remove_placement_group

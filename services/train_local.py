@@ -8,12 +8,25 @@ from typing import Callable
 from rich.console import Console
 
 
-def check_output_dir(out: Path, resume: Path | None, fail: Callable[[str], None]) -> None:
-    """Refuse to write a new run over an existing one (nothing already saved is lost)."""
+AUTO = "auto"
+
+
+def check_output_dir(out: Path, resume: Path | None, fail: Callable[[str], None]) -> Path | None:
+    """Refuse to write a new run over an existing one (nothing already saved is lost); returns what to resume.
+
+    ``--resume auto`` (a job that a scheduler restarts with the same command) continues ``out`` from its
+    newest complete checkpoint, or starts it fresh when it has none yet (the rows a killed first attempt
+    wrote are moved to ``metrics.rolled_back.jsonl``).
+    """
+    from drpo_core.training.checkpoint import latest_checkpoint
+
+    if resume is not None and str(resume) == AUTO and not Path(resume).exists():
+        return out if latest_checkpoint(out) is not None else None
     if resume is None and (out / "metrics.jsonl").exists():
-        fail(f"output dir {out} already holds a run; pass --resume {out} to continue it or choose another --output-dir")
+        fail(f"output dir {out} already holds a run; pass --resume {out} (or --resume auto) to continue it or choose another --output-dir")
     if resume is not None and not Path(resume).exists():
         fail(f"--resume {resume}: no such run or checkpoint folder")
+    return resume
 
 
 def run_local(cfg, resume: Path | None, fail: Callable[[str], None]) -> dict:
@@ -26,7 +39,7 @@ def run_local(cfg, resume: Path | None, fail: Callable[[str], None]) -> dict:
 
     console = Console(stderr=True, soft_wrap=True)  # log files: one line per message
     out = Path(cfg.output.dir)
-    check_output_dir(out, resume, fail)
+    resume = check_output_dir(out, resume, fail)
     try:
         trainer = DrpoTrainer(cfg, output_dir=out, rewards=build_rewards(cfg, builder=build_reward))
     except (ModelLoadError, ValueError) as e:

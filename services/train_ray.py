@@ -29,7 +29,7 @@ def run_ray(cfg, resume: Path | None, fail: Callable[[str], None]) -> dict:
 
     console = Console(stderr=True, soft_wrap=True)  # log files: one line per message
     out = Path(cfg.output.dir)
-    check_output_dir(out, resume, fail)
+    resume = check_output_dir(out, resume, fail)
     try:
         resolve_model_path(cfg.model.path, cfg.model.revision)  # fail here in one line, not in every actor's constructor
     except ModelLoadError as e:
@@ -52,9 +52,10 @@ def run_ray(cfg, resume: Path | None, fail: Callable[[str], None]) -> dict:
         except (PlacementError, PoolExhaustedError, LearnerStartError) as e:
             fail(str(e))
         rt, have = cfg.runtime, ray.cluster_resources()
-        console.print(f"ray: {rt.generator.replicas} generator, {rt.reward.replicas} reward, 1 learner replica(s); "
+        console.print(f"ray: {rt.generator.replicas} generator, {rt.reward.replicas} reward, {rt.learner.replicas} learner replica(s); "
                       f"max_staleness {rt.max_staleness}; cluster {have.get('CPU', 0):g} CPU, {have.get('GPU', 0):g} GPU, "
                       f"{len([n for n in ray.nodes() if n.get('Alive')])} node(s)")
+        console.print("devices: " + ", ".join(f"{k.split('/', 1)[1]} ×{v:g}" for k, v in runtime.placement().items()))
         controller = Controller(cfg, runtime, out, exporter)
         with StepProgress(console, cfg.trainer.steps, "DrPO·ray", cfg.trainer.log_every) as progress:
             try:

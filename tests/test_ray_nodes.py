@@ -19,9 +19,10 @@ from services.runtime import RayRuntime  # noqa: E402
 
 MB = 1024 * 1024
 CONFIG = [
-    # K=12 makes a group ~150 kB: above Ray's 100 kB inline limit, so it lives in the node's object store
-    # (smaller results travel inline to the driver and survive any worker node)
-    "trainer.prompts_per_step=2", "algo.num_candidates=12", "algo.num_anchors=3", "trainer.steps=4",
+    # K=16 at 64 px makes both views of a group (rewards': uint8 images, ~200 kB; learner's: latents + base latents,
+    # ~130 kB) larger than Ray's 100 kB inline limit, so they live in the node's object store (smaller results
+    # travel inline to the driver and survive any worker node)
+    "trainer.prompts_per_step=2", "algo.num_candidates=16", "algo.num_anchors=4", "trainer.steps=4", "model.resolution=64",
     "trainer.heldout_eval_seeds=2", "trainer.eval_seeds=2",
     "runtime.generator.replicas=2", "runtime.generator.num_cpus=0.2", "runtime.generator.resources={gen_node: 0.3}",
     "runtime.reward.num_cpus=0.1", "runtime.reward.resources={gen_node: 0.3}", "runtime.learner.num_cpus=0.5",

@@ -27,7 +27,8 @@ def test_runtime_section_defaults_fit_two_cores_and_bad_values_fail_in_one_line(
     rt = load_config([], []).runtime
     assert rt.generator.num_cpus + rt.reward.num_cpus + rt.learner.num_cpus <= 2 and rt.max_staleness == 1
     assert load_config([], ["runtime.reward.replicas=3"]).runtime.reward.num_cpus == 0.25  # role defaults survive overrides
-    for override, where in [("runtime.learner.replicas=2", "runtime.learner.replicas"),
+    assert load_config([], ["runtime.learner.replicas=2"]).runtime.learner.replicas == 2  # a data-parallel learner
+    for override, where in [("runtime.learner.replicas=0", "runtime.learner.replicas"),
                             ("runtime.learner.max_task_retries=1", "not idempotent"),
                             ("runtime.max_staleness=-1", "runtime.max_staleness"),
                             ("runtime.placement=ROUND_ROBIN", "runtime.placement"),
@@ -67,9 +68,24 @@ def test_actor_options_carry_resources_budgets_and_environment():
              "runtime.generator.scheduling=SPREAD", env={"HF_HUB_OFFLINE": "1"})
     reward = p.actor_options(Role.REWARD)
     assert reward["num_cpus"] == 0.25 and reward["resources"] == {"reward_gpu": 1.0}
-    assert reward["max_task_retries"] == 1 and reward["runtime_env"]["env_vars"] == {"HF_HUB_OFFLINE": "1", "A": "1"}
+    # a role without GPUs sees none (Ray 2.60 leaves CUDA_VISIBLE_DEVICES alone for num_gpus=0)
+    assert reward["max_task_retries"] == 1
+    assert reward["runtime_env"]["env_vars"] == {"HF_HUB_OFFLINE": "1", "A": "1", "CUDA_VISIBLE_DEVICES": ""}
     assert p.actor_options(Role.GENERATOR)["scheduling_strategy"] == "SPREAD"
     assert p.actor_options(Role.LEARNER)["max_task_retries"] == 0
+    gpu = plan("runtime.learner.num_gpus=1").actor_options(Role.LEARNER)
+    assert gpu["num_gpus"] == 1 and "CUDA_VISIBLE_DEVICES" not in gpu["runtime_env"]["env_vars"]  # Ray sets it
+
+
+def test_a_gpu_role_without_cuda_stops_in_one_line():
+    from services.actors import DeviceUnavailableError, check_gpu
+
+    check_gpu("reward", 0)  # no GPUs asked: nothing to check
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is visible here")
+    with pytest.raises(DeviceUnavailableError, match=r"^runtime\.learner\.num_gpus=1 but this learner actor cannot use CUDA") as e:
+        check_gpu("learner", 1)
+    assert "\n" not in str(e.value) and f"torch {torch.__version__}" in str(e.value)
 
 
 # -- metrics ----------------------------------------------------------------------------------------
@@ -136,10 +152,14 @@ def test_actor_classes_without_ray_make_the_trainers_step(tmp_path):
     groups, scores = [], []
     for slot, prompt in enumerate(prompts):
         request = GroupRequest(f"0:{slot}", 0, slot, prompt, [candidate_seed(cfg.trainer.seed, 0, slot, i) for i in range(6)])
-        group, info = generator.generate(weights, request)
+        for_reward, for_learner, info = generator.generate(weights, request)
         assert info.version == 0 and info.size == 6
-        groups.append(group)
-        scores.append(reward.score(group))
+        # each role gets only what it reads: uint8 images for the rewards, latents and seeds for the learner
+        assert for_reward.latents is None and for_reward.base_latents is None and for_reward.images.dtype == torch.uint8
+        assert for_learner.images is None and for_learner.seeds == request.seeds
+        assert all(t.device.type == "cpu" for t in (for_reward.images, for_learner.latents, for_learner.base_latents))
+        groups.append(for_learner)
+        scores.append(reward.score(for_reward))
     stats = learner.update(0, scores, *groups)
     assert stats["loss"] == pytest.approx(expected["loss"], rel=1e-5)
     got, want = learner.trainer.generator.trainable_state_dict(), trainer.generator.trainable_state_dict()

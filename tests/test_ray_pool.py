@@ -110,6 +110,24 @@ def test_a_late_call_is_hedged_and_its_duplicate_dropped(ray_cluster):
         pool.shutdown()
 
 
+def test_a_call_slower_than_the_latency_quantile_is_hedged_long_before_the_fixed_deadline(ray_cluster):
+    """p90 × 2 of 5 fast calls (~0.05 s) instead of request_timeout_s=60: the slow call gets its second copy in
+    well under a second, and its replica is not suspected (slow is not sick)."""
+    pool = sleeper_pool(2, request_timeout_s=60, hedge_quantile=0.9, hedge_factor=2.0, hedge_min_samples=5, max_in_flight=1)
+    try:
+        for i in range(5):
+            pool.submit(f"fast{i}", "work", 0.05, "fast")
+        drain(pool, [f"fast{i}" for i in range(5)])
+        assert pool.hedge_after("work") < 2.0 and pool.hedge_after("other") == 60
+        t0 = time.monotonic()
+        pool.submit("slow", "work", 3.0, "slow")
+        poll_until(pool, lambda: pool.stats["requeued"] == 1, 10)
+        assert time.monotonic() - t0 < 2.5  # hedged before the first copy could finish, 60 s deadline or not
+        assert pool.stats["timeouts"] == 1 and {r.state for r in pool.replicas} == {"up"}
+    finally:
+        pool.shutdown()
+
+
 def test_dead_replicas_are_replaced_within_budget_and_the_pool_resizes(ray_cluster):
     pool = sleeper_pool(1, restart_budget=1, health_timeout_s=10)
     try:

@@ -114,7 +114,9 @@ def test_micro_batches_give_the_same_update(tmp_path):
     whole = make(tmp_path, "trainer.prompts_per_step=3", "trainer.eps=1.0", name="whole")
     chunked = make(tmp_path, "trainer.prompts_per_step=3", "trainer.eps=1.0", "trainer.micro_batch_prompts=1", name="chunked")
     a, b = whole.train_step(), chunked.train_step()
-    assert abs(a["loss"] - b["loss"]) < 1e-5 * max(1.0, abs(a["loss"]))
+    # the loss value sums kernel terms of size ~60 computed in batches of another size: float noise ~5e-5 relative;
+    # the weights (the gradient) agree to ~1e-7 of steps ~6e-4
+    assert abs(a["loss"] - b["loss"]) < 1e-4 * max(1.0, abs(a["loss"]))
     wa, wb = weights(whole), weights(chunked)
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-6)  # steps are ~1e-4: 1% of a step

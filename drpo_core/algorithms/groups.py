@@ -7,7 +7,7 @@ K' ≥ K when a binary reward needed extra sampling rounds); the learner regress
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -31,8 +31,9 @@ class CandidateGroup:
         group_id: unique id (used to drop duplicates and re-issue lost work).
         prompt: the text prompt c.
         seeds: candidate seeds `[K']`; ε_i is regenerated from seeds[i].
-        latents: policy outputs x_i = G_θ(ε_i, c), detached, `[K', C, h, w]`.
-        images: decoded candidates in [0, 1], `[K', 3, H, W]`.
+        latents: policy outputs x_i = G_θ(ε_i, c), detached, `[K', C, h, w]` (None in the rewards' view).
+        images: decoded candidates, uint8 `[K', 3, H, W]` (what a reward server receives; the scorer reads
+            them as x/255 in [0, 1]), or None in the learner's view.
         version: weight version of the policy that produced ``latents``.
         base_latents: frozen-base outputs G_base(ε_i, c) for the first K seeds, `[K, C, h, w]`, or None.
         metadata: per-prompt metadata passed to rewards (e.g. a GenEval record), or None.
@@ -43,8 +44,8 @@ class CandidateGroup:
     group_id: str
     prompt: str
     seeds: list[int]
-    latents: torch.Tensor
-    images: torch.Tensor
+    latents: torch.Tensor | None
+    images: torch.Tensor | None
     version: int
     base_latents: torch.Tensor | None = None
     metadata: dict | None = None
@@ -53,8 +54,25 @@ class CandidateGroup:
 
     def __post_init__(self) -> None:
         n = len(self.seeds)
-        if self.latents.shape[0] != n or self.images.shape[0] != n:
-            raise ValueError(f"group {self.group_id}: {n} seeds but latents {tuple(self.latents.shape)}, images {tuple(self.images.shape)}")
+        for name in ("latents", "images"):
+            t = getattr(self, name)
+            if t is not None and t.shape[0] != n:
+                raise ValueError(f"group {self.group_id}: {n} seeds but {name} {tuple(t.shape)}")
+
+    def for_reward(self) -> "CandidateGroup":
+        """What a reward needs: prompt, metadata and the uint8 images on CPU (no latents)."""
+        return replace(self, latents=None, base_latents=None, images=self.images.cpu(), rewards={}, scores=None)
+
+    def for_learner(self) -> "CandidateGroup":
+        """What the learner needs: prompt, seeds (it recomputes G_θ(ε_i, c) from them), version, and the
+        detached policy and base latents on CPU for the anchors and the reference drift (no images)."""
+        return replace(self, images=None, latents=self.latents.cpu(),
+                       base_latents=None if self.base_latents is None else self.base_latents.cpu())
+
+    @classmethod
+    def joined(cls, reward_view: "CandidateGroup", learner_view: "CandidateGroup") -> "CandidateGroup":
+        """The whole group again from its two views (a generator extending it by another round)."""
+        return replace(learner_view, images=reward_view.images)
 
     @property
     def size(self) -> int:

@@ -189,6 +189,8 @@ class OneStepGenerator:
         try:
             self._load_trainable(state)
         finally:
+            if self._merger is not None:
+                self._merger.invalidate()
             if was_merged:
                 self._merger.merge()
 
@@ -239,10 +241,14 @@ class OneStepGenerator:
                 self._merger.merge()
 
     # -- merged LoRA for sampling -----------------------------------------------------------------
-    def merge_lora(self) -> None:
+    def merge_lora(self, keep: bool = False) -> None:
         """Fold the LoRA into the UNet weights until :meth:`unmerge_lora` (a sampling-only generator calls
-        this once after loading weights; :meth:`load_trainable_state_dict` keeps it merged)."""
+        this once; :meth:`load_trainable_state_dict` keeps it merged: W₀ restored bit-exactly, new adapter
+        loaded, merged once). ``keep``: also keep the merged weights, so the frozen-base forward of
+        :meth:`base_model` and back costs two copies instead of a re-merge (only for a generator whose LoRA
+        changes through :meth:`load_trainable_state_dict` alone, never through an optimizer)."""
         if self._merger is not None:
+            self._merger.keep_merged = keep
             self._merger.merge()
 
     def unmerge_lora(self) -> None:

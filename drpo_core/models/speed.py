@@ -20,6 +20,11 @@ class LoraMerger:
         self.layers = [(name, m) for name, m in model.named_modules() if isinstance(m, LoraLayer)]
         self._pristine: dict[str, torch.Tensor] | None = None  # W₀ of every adapted layer, made on first merge
         self.merged = False
+        # a sampling-only generator (its LoRA changes only through load_trainable_state_dict, which calls
+        # invalidate) keeps W₀ + s·BA too, so a swap to the base model and back costs copies, not a re-merge
+        self.keep_merged = False
+        self._merged_copy: dict[str, torch.Tensor] | None = None
+        self.merges = 0  # W₀ + s·BA computations (once per weight version when keep_merged)
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -28,15 +33,28 @@ class LoraMerger:
             return
         if self._pristine is None:
             self._pristine = {name: layer.get_base_layer().weight.detach().clone() for name, layer in self.layers}
+        if self._merged_copy is None:
+            copy = {}
+            for name, layer in self.layers:
+                weight = layer.get_base_layer().weight
+                merged = self._pristine[name].float()
+                for adapter in layer.active_adapters:
+                    if adapter in layer.lora_A:
+                        merged = merged + layer.get_delta_weight(adapter).float()
+                copy[name] = merged.to(weight.dtype)
+            self.merges += 1
+            if self.keep_merged:
+                self._merged_copy = copy
+        else:
+            copy = self._merged_copy
         for name, layer in self.layers:
-            weight = layer.get_base_layer().weight
-            merged = self._pristine[name].float()
-            for adapter in layer.active_adapters:
-                if adapter in layer.lora_A:
-                    merged = merged + layer.get_delta_weight(adapter).float()
-                    layer.merged_adapters.append(adapter)
-            weight.copy_(merged.to(weight.dtype))
+            layer.get_base_layer().weight.copy_(copy[name])
+            layer.merged_adapters.extend(a for a in layer.active_adapters if a in layer.lora_A)
         self.merged = True
+
+    def invalidate(self) -> None:
+        """The adapter weights changed: the next merge computes W₀ + s·BA again."""
+        self._merged_copy = None
 
     @torch.no_grad()
     def unmerge(self) -> None:

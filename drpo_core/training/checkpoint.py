@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -147,6 +148,17 @@ def load_checkpoint(folder: Path, *, generator, learner) -> dict:
     return state
 
 
+_STEP_FOLDER = re.compile(r"step_(\d+)")
+
+
+def checkpoint_step(folder: Path) -> int | None:
+    """N of a complete ``step_N`` checkpoint folder; None for anything else (``step_N.tmp`` left by a crash
+    mid-save, stray files, a folder without ``state.json``)."""
+    match = _STEP_FOLDER.fullmatch(Path(folder).name)
+    return int(match.group(1)) if match and (Path(folder) / "state.json").is_file() else None
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    folders = [p for p in (Path(run_dir) / "checkpoints").glob("step_*") if (p / "state.json").is_file()]
-    return max(folders, key=lambda p: int(p.name.split("_")[1])) if folders else None
+    """The newest complete checkpoint of a run folder (torn ``*.tmp`` folders are ignored), or None."""
+    folders = [p for p in (Path(run_dir) / "checkpoints").glob("step_*") if checkpoint_step(p) is not None]
+    return max(folders, key=checkpoint_step) if folders else None

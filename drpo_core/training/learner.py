@@ -17,6 +17,7 @@ from drpo_core.models.generator import OneStepGenerator
 from drpo_core.algorithms.groups import CandidateGroup
 from drpo_core.algorithms.loss import drpo_group_loss
 from drpo_core.algorithms.ranking import select_anchors
+from drpo_core.training import data_parallel
 from drpo_core.training.objectives import build_objective
 
 
@@ -72,38 +73,43 @@ class DrpoLearner:
                 anchors.append((sel.pos_idx[0], sel.neg_idx[0]))
         stats["update/kept_groups"] = float(len(kept))
         stats["update/applied"] = 0.0
-        if not kept:
-            return stats
+        # data-parallel: this worker holds a share of the step's groups; n counts the kept groups of all workers
+        n = data_parallel.all_reduce_count(len(kept), self.generator.device)
+        if not n:
+            return data_parallel.sum_stats(stats)
 
         # DrPO lines 8–14 in micro-batches of prompts: the loss is a mean over prompts, so accumulating
         # each chunk's share of the gradient is exact and bounds activation memory
         self.optimizer.zero_grad(set_to_none=True)
-        chunk = self.trainer_cfg.micro_batch_prompts or len(kept)
+        chunk = self.trainer_cfg.micro_batch_prompts or max(1, len(kept))
         total, sums = 0.0, {}
         for start in range(0, len(kept), chunk):
             loss, part_stats = self._chunk_loss(kept[start:start + chunk], anchors[start:start + chunk])
-            loss = loss / len(kept)
+            loss = loss / n
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"non-finite DrPO loss {float(loss.detach())} at version {self.version}")
             self.scaler.scale(loss).backward()  # the reward is never differentiated
             total += float(loss.detach())
             for k, v in part_stats.items():
-                sums[k] = sums.get(k, 0.0) + v / len(kept)
+                sums[k] = sums.get(k, 0.0) + v / n
+        return self._step(stats, sums, total, kept, n)
 
-        stats.update(sums)
-        return self._step(stats, total, kept)
-
-    def _step(self, stats: dict[str, float], total: float, kept: list[CandidateGroup]) -> dict[str, float]:
-        """Clip, AdamW, and the update's stats (every objective)."""
+    def _step(self, stats: dict[str, float], sums: dict[str, float], total: float, kept: list[CandidateGroup],
+              n: int) -> dict[str, float]:
+        """All-reduce, clip, AdamW, and the update's stats (every objective; ``n`` = kept groups of all workers)."""
+        lag = float(sum(self.version - g.version for g in kept))
+        data_parallel.all_reduce_gradients(self.generator.trainable_parameters())  # Σ_w: the gradient of the whole step
+        # clip, AdamW (every worker steps the same gradient from the same state)
         self.scaler.unscale_(self.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.generator.trainable_parameters(), self.trainer_cfg.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
         self.version += 1
-        stats.update({"loss": total, "update/applied": 1.0, "update/grad_norm": float(grad_norm),
-                      "update/lr": self.scheduler.get_last_lr()[0],
-                      "update/policy_lag": float(sum(self.version - 1 - g.version for g in kept)) / len(kept)})
+        stats.update(sums)
+        stats.update({"loss": total, "update/policy_lag": lag / n})
+        stats = data_parallel.sum_stats(stats)  # additive statistics of all workers' shares
+        stats.update({"update/applied": 1.0, "update/grad_norm": float(grad_norm), "update/lr": self.scheduler.get_last_lr()[0]})
         return stats
 
     def _objective_update(self, groups: list[CandidateGroup]) -> dict[str, float]:
@@ -117,22 +123,23 @@ class DrpoLearner:
             else:
                 stats[f"skipped/{reason}"] = stats.get(f"skipped/{reason}", 0.0) + 1
         stats["update/kept_groups"], stats["update/applied"] = float(len(kept)), 0.0
-        if not kept:
-            return stats
+        n = data_parallel.all_reduce_count(len(kept), self.generator.device)
+        if not n:
+            return data_parallel.sum_stats(stats)
         self.optimizer.zero_grad(set_to_none=True)
-        chunk = self.trainer_cfg.micro_batch_prompts or len(kept)
-        total = 0.0
+        chunk = self.trainer_cfg.micro_batch_prompts or max(1, len(kept))
+        total, sums = 0.0, {}
         for start in range(0, len(kept), chunk):
             with autocast_context(self.generator.device, self.trainer_cfg.mixed_precision):
                 loss, part = self.objective.chunk_loss(kept[start:start + chunk])
-            loss = loss / len(kept)
+            loss = loss / n
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"non-finite {self.algo.kind} loss {float(loss.detach())} at version {self.version}")
             self.scaler.scale(loss).backward()
             total += float(loss.detach())
             for k, v in part.items():
-                stats[k] = stats.get(k, 0.0) + v / len(kept)
-        return self._step(stats, total, kept)
+                sums[k] = sums.get(k, 0.0) + v / n
+        return self._step(stats, sums, total, kept, n)
 
     def _chunk_loss(self, kept: list[CandidateGroup], anchors: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, dict[str, float]]:
         """Σ over the chunk's prompts of the per-prompt DrPO loss, and Σ of their stats."""

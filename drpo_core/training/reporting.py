@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 
@@ -22,6 +23,38 @@ class MetricsWriter:
 
     def close(self) -> None:
         self._fh.close()
+
+    def rewind(self, step: int) -> int:
+        """Back to the state after ``step`` (a rollback or resume from that step's checkpoint): see :func:`rewind_metrics`."""
+        self._fh.close()
+        moved = rewind_metrics(self.path, step)
+        self._fh = self.path.open("a")
+        return moved
+
+
+def rewind_metrics(path: Path, step: int) -> int:
+    """Keep the rows of steps ≤ ``step`` in ``path``, so a reader sees each step once after the steps past a
+    resumed checkpoint are trained again. The rows taken out are appended to ``<name>.rolled_back.jsonl``
+    next to it (nothing written is lost); returns how many rows moved."""
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+    keep, moved = [], []
+    for line in lines:
+        try:
+            row_step = json.loads(line).get("step", 0)
+        except json.JSONDecodeError:  # a line torn by a kill mid-write
+            moved.append(line)
+            continue
+        (keep if row_step is not None and row_step <= step else moved).append(line)
+    if moved:
+        with path.with_name(path.stem + ".rolled_back.jsonl").open("a") as fh:
+            fh.writelines(line + "\n" for line in moved)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in keep))
+        os.replace(tmp, path)
+    return len(moved)
 
 
 def read_metrics(path: Path) -> list[dict]:

@@ -37,6 +37,12 @@ def needs_base_latents(algo) -> bool:
     return options is not None and options.ref_l2_weight > 0
 
 
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """Decoded images in [0, 1] → uint8 `[N, 3, H, W]` on CPU: what any reward reads (a PNG, a PIL image),
+    at a quarter of the bytes of fp32, and never a CUDA tensor in a message between processes."""
+    return (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+
+
 class CandidateSampler:
     """Plain worker class: the generator side of DrPO. Runs as-is locally or inside a Ray actor."""
 
@@ -57,27 +63,42 @@ class CandidateSampler:
         return self.generator.generate([prompt] * len(seeds), seeds, noise=self._noise(seeds))
 
     @torch.no_grad()
-    def _base_latents(self, prompt: str, seeds: list[int]) -> torch.Tensor:
+    def _base_latents(self, prompts: list[str], seeds: list[int], noise: torch.Tensor | None) -> torch.Tensor:
         """G_base(ε_i, c) without decoding: the base's images are never scored, so no VAE decode is spent on them."""
         gen = self.generator
-        noise = self._noise(seeds)
         noise = gen.noise(seeds) if noise is None else noise
         with gen.base_model():
-            return gen.predict_x0(noise, gen.encode_prompts([prompt] * len(seeds)))
+            return gen.predict_x0(noise, gen.encode_prompts(prompts))
 
     def sample(self, group_id: str, prompt: str, seeds: list[int], metadata: dict | None = None) -> CandidateGroup:
-        latents, images = self._generate(prompt, seeds)
-        base = self._base_latents(prompt, seeds) if self.with_base else None
+        noise = self._noise(seeds)
+        latents, images = self.generator.generate([prompt] * len(seeds), seeds, noise=noise)
+        base = self._base_latents([prompt] * len(seeds), seeds, noise) if self.with_base else None
         return CandidateGroup(group_id=group_id, prompt=prompt, seeds=list(seeds), latents=latents.float(),
-                              images=images, version=self.version, base_latents=None if base is None else base.float(),
-                              metadata=metadata)
+                              images=to_uint8(images), version=self.version,
+                              base_latents=None if base is None else base.float(), metadata=metadata)
+
+    def sample_many(self, requests: list[tuple[str, str, list[int], dict | None]]) -> list[CandidateGroup]:
+        """Several prompt groups ``(group_id, prompt, seeds, metadata)`` in one batched forward (and one for the
+        base): the same candidates as one :meth:`sample` per group, with fewer, larger UNet and VAE calls."""
+        prompts = [prompt for _, prompt, seeds, _ in requests for _ in seeds]
+        seeds = [s for _, _, group_seeds, _ in requests for s in group_seeds]
+        noise = None if self.neighbor_sigma is None else torch.cat([self._noise(list(s)) for _, _, s, _ in requests])
+        latents, images = self.generator.generate(prompts, seeds, noise=noise)
+        base = self._base_latents(prompts, seeds, noise) if self.with_base else None
+        sizes = [len(group_seeds) for _, _, group_seeds, _ in requests]
+        parts = zip(latents.float().split(sizes), to_uint8(images).split(sizes),
+                    base.float().split(sizes) if base is not None else [None] * len(sizes))
+        return [CandidateGroup(group_id=gid, prompt=prompt, seeds=list(group_seeds), latents=lat, images=img, version=self.version,
+                               base_latents=b, metadata=meta)
+                for (gid, prompt, group_seeds, meta), (lat, img, b) in zip(requests, parts)]
 
     def extend(self, group: CandidateGroup, seeds: list[int]) -> CandidateGroup:
         """Another sampling round for the same prompt (binary rewards); base latents stay those of the first K."""
         latents, images = self._generate(group.prompt, seeds)
         group.seeds = group.seeds + list(seeds)
-        group.latents = torch.cat([group.latents, latents.float()])
-        group.images = torch.cat([group.images, images])
+        group.latents = torch.cat([group.latents, latents.float().to(group.latents.device)])
+        group.images = torch.cat([group.images, to_uint8(images)])
         group.rewards, group.scores = {}, None
         return group
 

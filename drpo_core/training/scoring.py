@@ -25,6 +25,8 @@ class RewardScorer:
         todo = [g for g in groups if not g.rewards]
         if todo:
             images = torch.cat([g.images for g in todo])
+            if images.dtype == torch.uint8:  # the samplers' format; rewards read [0, 1] floats
+                images = images.float() / 255
             prompts = [g.prompt for g in todo for _ in range(g.size)]
             metadata = [g.metadata for g in todo for _ in range(g.size)]
             for label, (fn, _) in self.rewards.items():

@@ -109,11 +109,14 @@ class RunTracker:
 
         out = Path(out)
         self.metrics = MetricsWriter(out / "metrics.jsonl")
+        self.metrics.rewind(start_step)  # rows of steps past the checkpoint (a killed run) are trained again: each step once
         self.backends: list = []
         kind = cfg.output.tracker
         try:
             if kind in ("tensorboard", "both"):
-                self.backends.append(TensorBoardBackend(out / "tensorboard", purge_step=start_step + 1 if resuming else None))
+                # purge what an interrupted attempt logged past the restart point (also before any checkpoint)
+                purge = start_step + 1 if resuming or (out / "tensorboard").exists() else None
+                self.backends.append(TensorBoardBackend(out / "tensorboard", purge_step=purge))
             if kind in ("wandb", "both"):
                 self.backends.append(WandbBackend(out, cfg.output, cfg.model_dump(mode="json"), resuming))
         except Exception:
