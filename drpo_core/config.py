@@ -50,20 +50,29 @@ class LoraConfig(Section):
     alpha: float = Field(16.0, gt=0)
     dropout: float = Field(0.0, ge=0, lt=1)
     target_modules: list[str] | str = Field(["to_q", "to_k", "to_v", "to_out.0"], description="module names, or one regex string")
+    init: Literal["default", "gaussian"] = Field("default", description="LoRA A init (B=0 either way): 'default' = peft's "
+                                                 "Kaiming-uniform (the official code); 'gaussian' = N(0, 1/r)")
 
 
 class FeaturesConfig(Section):
     """The frozen feature encoder φ (drpo-method.md §1.6.4). Fields apply to the kinds their descriptions name."""
 
-    kind: Literal["latent_resnet", "unet_hidden", "dinov2", "vit_mae"] = Field(
-        "latent_resnet", description="latent_resnet: GroupNorm ResNet on latents (latent-MAE layout); unet_hidden: "
-        "frozen base-UNet hidden states; dinov2 / vit_mae: pixel ViT on VAE-decoded images")
-    width: int = Field(32, gt=0, description="latent_resnet: width C of the first stage")
-    stage_blocks: list[int] = Field([1, 1], min_length=1, description="latent_resnet: blocks per stage ([3,4,6,3] = latent-MAE)")
+    kind: Literal["latent_resnet", "latent_mae", "unet_hidden", "dinov2", "vit_mae"] = Field(
+        "latent_resnet", description="latent_resnet: our SiLU ResNet on latents (optionally norm-free; the tuned tiny "
+        "default); latent_mae: the official latent-MAE encoder (ReLU, GroupNorm, official checkpoint layout); "
+        "unet_hidden: frozen base-UNet hidden states; dinov2 / vit_mae: pixel ViT on VAE-decoded images")
+    width: int = Field(32, gt=0, description="latent_resnet / latent_mae without checkpoint: width C of the first stage")
+    stage_blocks: list[int] = Field([1, 1], min_length=1, description="latent_resnet / latent_mae without checkpoint: "
+                                    "blocks per stage ([3,4,6,3] = latent-MAE)")
+    keys: list[str] | None = Field(None, description="latent_mae: feature keys (default: the SD-Turbo recipe's six "
+                                   "layer4 keys _mean/_std/_mean_2/_std_2/_mean_4/_std_4)")
+    block_stride: int = Field(2, ge=0, description="latent_mae: layerN_blk{b} keys every block_stride blocks (0 = none)")
+    include_norm_x: bool = Field(False, description="latent_mae: offer the input-RMS key norm_x")
     downsample: bool = Field(False, description="latent_resnet: stride 2 at the first block of every stage after the first")
     groups: int = Field(8, ge=0, description="latent_resnet: GroupNorm groups; 0 = no normalisation (random encoders)")
     patch_sizes: list[int] = Field([2, 4], description="p×p patch mean/std keys besides the global ones")
-    checkpoint: str | None = Field(None, description="latent_resnet: safetensors state dict; None keeps the seeded random init")
+    checkpoint: str | None = Field(None, description="latent_resnet: safetensors state dict; latent_mae: the official "
+                                   ".pth (or .safetensors with its keys); None keeps the seeded random init")
     seed: int = Field(1234, description="latent_resnet: random init; unet_hidden: the fixed noise added to the latent")
     path: str | None = Field(None, description="dinov2 / vit_mae: hub id or local folder (default facebook/dinov2-base, "
                              "facebook/vit-mae-base)")
@@ -83,8 +92,10 @@ class FeaturesConfig(Section):
 
     @model_validator(mode="after")
     def _fields_fit_kind(self) -> "FeaturesConfig":
-        if self.checkpoint is not None and self.kind != "latent_resnet":
-            raise ValueError(f"'checkpoint' is for kind latent_resnet; kind {self.kind!r} loads weights from 'path'")
+        if self.checkpoint is not None and self.kind not in ("latent_resnet", "latent_mae"):
+            raise ValueError(f"'checkpoint' is for kinds latent_resnet / latent_mae; kind {self.kind!r} loads weights from 'path'")
+        if self.keys is not None and self.kind != "latent_mae":
+            raise ValueError(f"'keys' is for kind latent_mae, not {self.kind!r}")
         if self.path is not None and self.kind not in ("dinov2", "vit_mae"):
             raise ValueError(f"'path' is for kinds dinov2 / vit_mae, not {self.kind!r}")
         return self

@@ -49,8 +49,8 @@ def test_paper_hyperparameters(name, kind, hub, lr, steps, dtype, precision):
 
 def test_sd_turbo_preset_uses_the_latent_mae_layout():
     f = load_config([CONFIGS / "sd-turbo.yaml"]).features
-    assert (f.kind, f.stage_blocks, f.downsample, f.patch_sizes) == ("latent_resnet", [3, 4, 6, 3], True, [2, 4])
-    assert f.checkpoint and f.checkpoint.endswith(".safetensors")
+    assert (f.kind, f.stage_blocks, f.patch_sizes, f.keys) == ("latent_mae", [3, 4, 6, 3], [2, 4], None)
+    assert f.checkpoint and f.checkpoint.endswith("mae_latent_256_torch.pth")  # the official file, loaded as is
 
 
 @pytest.mark.parametrize("real, tiny, allowed", [

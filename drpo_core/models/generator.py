@@ -149,8 +149,9 @@ class OneStepGenerator:
         if not matched:
             raise ModelLoadError(f"lora.target_modules {targets!r} match no module of the UNet")
         self.unet.add_adapter(PeftLoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-                                             init_lora_weights="gaussian", target_modules=targets))
-        # peft's gaussian init leaves B=0, so the policy starts exactly at the base model
+                                             init_lora_weights=True if cfg.init == "default" else "gaussian",
+                                             target_modules=targets))
+        # both inits leave B=0, so the policy starts exactly at the base model
         self.unet.to(self.device)
         for p in self.trainable_parameters():  # fp32 LoRA weights under a half-precision base (peft casts inputs)
             p.data = p.data.float()
