@@ -24,6 +24,9 @@ class ModelConfig(Section):
     path: str = Field("tiny", description="hub id, local pipeline folder, or 'tiny' / 'tiny-sdxl' for the embedded random models")
     resolution: int = Field(32, gt=0, description="image side in pixels; the latent side is resolution / vae factor")
     timestep: int = Field(999, ge=0, le=999)
+    x0: Literal["pipeline", "official"] = Field("pipeline", description="clean-latent conversion: 'pipeline' = the stock "
+                                                "one-step diffusers pipeline (x_t = √(1−ᾱ)ε, scheduler x0); 'official' = "
+                                                "the official SD-Turbo code (UNet on ε, x0 = ((ε − 0.9977ε̂)/0.0683)·0.9996 + 0.0292ε̂)")
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     device: str = Field("auto", description="'auto' picks cuda when available, else cpu")
     # speed / memory options (all off by default: on CPU they do not help)
@@ -35,6 +38,13 @@ class ModelConfig(Section):
     vae_tiling: bool = Field(False, description="decode large images tile by tile (less memory)")
     vae_slicing: bool = Field(False, description="decode one image at a time (less memory)")
     gradient_checkpointing: bool = Field(False, description="recompute UNet activations in backward (learner memory)")
+
+    @model_validator(mode="after")
+    def _official_x0_is_sd_turbo_at_999(self) -> "ModelConfig":
+        if self.x0 == "official" and (self.kind != "sd-turbo" or self.timestep != 999):
+            raise ValueError("model.x0 'official' is SD-Turbo's one-step conversion at t=999 (its constants); "
+                             f"kind {self.kind!r} at timestep {self.timestep} needs x0: pipeline")
+        return self
 
     @model_validator(mode="after")
     def _tiny_path_matches_kind(self) -> "ModelConfig":
@@ -154,9 +164,20 @@ class AlgoConfig(Section):
     ref_weight: float = Field(3000.0, gt=0)
     ref_neg_weight: float = Field(3000.0, gt=0)
     lambda_ref: float = Field(0.2, ge=0, description="λ_ref, weight of the reference drift toward the frozen base")
+    latent_l2_weight: float = Field(0.0, ge=0, description="β_l2: + β·MSE(policy latents, frozen-base latents) per prompt "
+                                    "(official ref_model_l2_weight; 0 in the official DrPO scripts)")
+    feature_l2_weight: float = Field(0.0, ge=0, description="γ_feat: + γ·Σ_keys MSE(φ(policy), φ(base)) per prompt "
+                                     "(official frozen_feature_l2_weight; 0 in the official scripts)")
+    key_aggregation: Literal["sum", "mean"] = Field("sum", description="combine the per-key losses by sum (the official "
+                                                    "SD-Turbo recipe) or mean (the official SDXL trainer)")
     binary_threshold: float | None = Field(None, description="binary reward: pass if score >= threshold")
     max_extra_rounds: int = Field(3, ge=0, description="binary reward: extra K-candidate rounds to find M passes and M fails")
     shuffle_rewards: bool = Field(False, description="control run: shuffle scores within each prompt group before ranking")
+
+    @property
+    def needs_base(self) -> bool:
+        """Whether the frozen base's outputs are needed (reference drift, β_l2 or γ_feat)."""
+        return self.lambda_ref > 0 or self.latent_l2_weight > 0 or self.feature_l2_weight > 0
 
     @field_validator("radii")
     @classmethod

@@ -99,7 +99,7 @@ class GeneratorActor:
     def __init__(self, cfg_json: str):
         cfg = _config(cfg_json)
         self.pull_timeout_s = cfg.runtime.request_timeout_s
-        self.sampler = CandidateSampler(load_generator(cfg.model, cfg.lora), with_base=cfg.algo.lambda_ref > 0)
+        self.sampler = CandidateSampler(load_generator(cfg.model, cfg.lora), with_base=cfg.algo.needs_base)
         self.sampler.version = -1  # no published weights yet: the first request always pulls
 
     def _sync(self, weights: WeightsHandle) -> float:

@@ -107,8 +107,9 @@ class DrpoLearner:
         with torch.no_grad():
             anchor_latents = torch.cat([g.latents[torch.cat([p, n])] for g, (p, n) in zip(kept, anchors)]).to(device)
             anchor_feats = self.encoder(anchor_latents)  # key -> [B·2M, L, D]
-            use_ref = self.algo.lambda_ref > 0
-            ref_feats = self.encoder(torch.cat([g.base_latents for g in kept]).to(device)) if use_ref else None
+            use_ref = self.algo.lambda_ref > 0 or self.algo.feature_l2_weight > 0
+            base_latents = torch.cat([g.base_latents for g in kept]).to(device) if self.algo.needs_base else None
+            ref_feats = self.encoder(base_latents) if use_ref else None
 
         # DrPO lines 8–13: per-prompt drift targets and regression
         total = torch.zeros((), device=device)
@@ -119,6 +120,10 @@ class DrpoLearner:
             a = {k: v[b * 2 * M:(b + 1) * 2 * M].float() for k, v in anchor_feats.items()}
             ref = {k: v[group].float() for k, v in ref_feats.items()} if use_ref else None
             loss, s = drpo_group_loss(mine, _select(a, slice(0, M)), _select(a, slice(M, 2 * M)), ref, self.algo)
+            if self.algo.latent_l2_weight > 0:  # β_l2: the official ref_model_l2 term on the latents themselves
+                latent_l2 = (x[group].float() - base_latents[group].float()).square().mean()
+                loss = loss + self.algo.latent_l2_weight * latent_l2
+                s["loss/latent_l2"] = float(latent_l2.detach())
             total = total + loss
             for k, v in s.items():
                 sums[k] = sums.get(k, 0.0) + v

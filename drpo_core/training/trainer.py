@@ -71,7 +71,7 @@ class DrpoTrainer:
         torch.manual_seed(cfg.trainer.seed)
         self.generator = load_generator(cfg.model, cfg.lora)
         self.encoder = build_encoder(cfg.features, self.generator.latent_shape[0], self.generator.device, generator=self.generator)
-        self.sampler = CandidateSampler(self.generator, with_base=cfg.algo.lambda_ref > 0)
+        self.sampler = CandidateSampler(self.generator, with_base=cfg.algo.needs_base)
         self.scorer = RewardScorer(rewards or build_rewards(cfg), binary=cfg.algo.binary_threshold is not None,
                                    shuffle_seed=cfg.trainer.seed if cfg.algo.shuffle_rewards else None)
         self.learner = DrpoLearner(self.generator, self.encoder, cfg.algo, cfg.trainer)
