@@ -75,7 +75,8 @@ class FeaturesConfig(Section):
     stage_blocks: list[int] = Field([1, 1], min_length=1, description="latent_resnet / latent_mae without checkpoint: "
                                     "blocks per stage ([3,4,6,3] = latent-MAE)")
     keys: list[str] | None = Field(None, description="latent_mae: feature keys (default: the SD-Turbo recipe's six "
-                                   "layer4 keys _mean/_std/_mean_2/_std_2/_mean_4/_std_4)")
+                                   "layer4 keys _mean/_std/_mean_2/_std_2/_mean_4/_std_4); dinov2 / vit_mae: default the "
+                                   "official layer{l}_patch_mean/_patch_std/_cls, or also layer{l}_patch_mean_p/_std_p")
     block_stride: int = Field(2, ge=0, description="latent_mae: layerN_blk{b} keys every block_stride blocks (0 = none)")
     include_norm_x: bool = Field(False, description="latent_mae: offer the input-RMS key norm_x")
     downsample: bool = Field(False, description="latent_resnet: stride 2 at the first block of every stage after the first")
@@ -91,7 +92,13 @@ class FeaturesConfig(Section):
                                                  "hidden-state indices (default: 4 evenly spaced / the last)")
     timestep: int = Field(100, ge=0, le=999, description="unet_hidden: UNet timestep")
     noise_scale: float = Field(0.1, ge=0, description="unet_hidden: input = latent + noise_scale · fixed noise")
-    pool_grid: int = Field(4, gt=0, description="unet_hidden: hidden states are average-pooled to a pool_grid² grid")
+    pool_grid: int = Field(4, gt=0, description="unet_hidden: pooled_points: pool to a pool_grid² grid; official: "
+                           "pool_grid×pool_grid average-pool stride")
+    unet_mode: Literal["pooled_points", "official"] = Field("pooled_points", description="unet_hidden: 'official' = the "
+                                                            "official teacher-UNet φ (prompt-conditioned, fresh noise per "
+                                                            "call, stride-pool_grid average pool flattened to one vector "
+                                                            "per image and layer); 'pooled_points' = ours (empty prompt, "
+                                                            "one fixed noise, pool_grid² points of dim C + mean/std keys)")
 
     @field_validator("patch_sizes")
     @classmethod
@@ -104,8 +111,8 @@ class FeaturesConfig(Section):
     def _fields_fit_kind(self) -> "FeaturesConfig":
         if self.checkpoint is not None and self.kind not in ("latent_resnet", "latent_mae"):
             raise ValueError(f"'checkpoint' is for kinds latent_resnet / latent_mae; kind {self.kind!r} loads weights from 'path'")
-        if self.keys is not None and self.kind != "latent_mae":
-            raise ValueError(f"'keys' is for kind latent_mae, not {self.kind!r}")
+        if self.keys is not None and self.kind not in ("latent_mae", "dinov2", "vit_mae"):
+            raise ValueError(f"'keys' is for kinds latent_mae / dinov2 / vit_mae, not {self.kind!r}")
         if self.path is not None and self.kind not in ("dinov2", "vit_mae"):
             raise ValueError(f"'path' is for kinds dinov2 / vit_mae, not {self.kind!r}")
         return self

@@ -34,7 +34,7 @@ def build_encoder(cfg, in_channels: int, device: torch.device, generator=None) -
         from drpo_core.features.unet import UnetHiddenEncoder
 
         return UnetHiddenEncoder(generator, layers=cfg.layers, timestep=cfg.timestep, noise_scale=cfg.noise_scale,
-                                 grid=cfg.pool_grid, patch_sizes=tuple(cfg.patch_sizes), seed=cfg.seed)
+                                 grid=cfg.pool_grid, patch_sizes=tuple(cfg.patch_sizes), seed=cfg.seed, mode=cfg.unet_mode)
     from drpo_core.features.pixel import PixelViTEncoder
 
-    return PixelViTEncoder(cfg.kind, cfg.path, generator, layers=cfg.layers, patch_sizes=tuple(cfg.patch_sizes))
+    return PixelViTEncoder(cfg.kind, cfg.path, generator, layers=cfg.layers, patch_sizes=tuple(cfg.patch_sizes), keys=cfg.keys)

@@ -27,6 +27,11 @@ def autocast_context(device: torch.device, mixed_precision: str):
     return torch.autocast("cuda", dtype=dtype)
 
 
+def _phi(encoder: FeatureEncoder, latents: torch.Tensor, prompts: list[str]):
+    """φ(latents); a prompt-conditioned encoder (official teacher UNet) also gets each latent's prompt."""
+    return encoder(latents, prompts=prompts) if getattr(encoder, "needs_prompts", False) else encoder(latents)
+
+
 def _select(feats: dict[str, torch.Tensor], idx: torch.Tensor) -> dict[str, torch.Tensor]:
     return {k: v[idx] for k, v in feats.items()}
 
@@ -101,15 +106,15 @@ class DrpoLearner:
         with autocast_context(device, self.trainer_cfg.mixed_precision):
             # DrPO line 4 (with grad): x_i = G_θ(ε_i, c) on the candidates' own noises
             seeds = [s for g in kept for s in g.seeds[:K]]
-            emb = gen.encode_prompts([g.prompt for g in kept for _ in range(K)])
-            x = gen.predict_x0(gen.noise(seeds), emb)
-            gen_feats = self.encoder(x)  # key -> [B·K, L, D]
+            prompts = [g.prompt for g in kept for _ in range(K)]
+            x = gen.predict_x0(gen.noise(seeds), gen.encode_prompts(prompts))
+            gen_feats = _phi(self.encoder, x, prompts)  # key -> [B·K, L, D]
         with torch.no_grad():
             anchor_latents = torch.cat([g.latents[torch.cat([p, n])] for g, (p, n) in zip(kept, anchors)]).to(device)
-            anchor_feats = self.encoder(anchor_latents)  # key -> [B·2M, L, D]
+            anchor_feats = _phi(self.encoder, anchor_latents, [g.prompt for g in kept for _ in range(2 * M)])  # [B·2M, L, D]
             use_ref = self.algo.lambda_ref > 0 or self.algo.feature_l2_weight > 0
             base_latents = torch.cat([g.base_latents for g in kept]).to(device) if self.algo.needs_base else None
-            ref_feats = self.encoder(base_latents) if use_ref else None
+            ref_feats = _phi(self.encoder, base_latents, prompts) if use_ref else None
 
         # DrPO lines 8–13: per-prompt drift targets and regression
         total = torch.zeros((), device=device)
