@@ -179,6 +179,12 @@ class AlgoConfig(Section):
                                                     "SD-Turbo recipe) or mean (the official SDXL trainer)")
     binary_threshold: float | None = Field(None, description="binary reward: pass if score >= threshold")
     max_extra_rounds: int = Field(3, ge=0, description="binary reward: extra K-candidate rounds to find M passes and M fails")
+    binary_rule: Literal["pools", "first_k"] = Field("pools", description="binary reward: 'pools' = the official GenEval "
+                                                     "rule (pass/fail pools capped at M by seeded random draws, random "
+                                                     "anchors, only the positives regressed, skipped prompts count as "
+                                                     "zero-loss slots of the prompt mean); 'first_k' = ours (best passes "
+                                                     "/ worst fails, the first K candidates regressed, skipped prompts "
+                                                     "leave the mean)")
     shuffle_rewards: bool = Field(False, description="control run: shuffle scores within each prompt group before ranking")
 
     @property
