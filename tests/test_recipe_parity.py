@@ -125,3 +125,15 @@ def test_latent_l2_term_is_the_mse_of_policy_to_base_latents(tmp_path):
     assert oracle > 1e-6
     assert abs(float((with_l2 - plain).detach()) - 0.5 * oracle) < 1e-4 * max(1.0, oracle)
     assert cfg.algo.model_copy(update={"lambda_ref": 0.0}).needs_base  # β_l2 alone still samples the base
+
+
+def test_sampler_base_latents_skip_the_decode_but_equal_generate_base(tiny_path):
+    from drpo_core.training.sampler import CandidateSampler
+
+    gen = OneStepGenerator(ModelConfig(path=tiny_path), LoraConfig())
+    with torch.no_grad():
+        for p in gen.trainable_parameters():
+            p.add_(0.05)
+    group = CandidateSampler(gen, with_base=True).sample("g", "a photo of a red car", [1, 2, 3])
+    assert torch.equal(group.base_latents, gen.generate(["a photo of a red car"] * 3, [1, 2, 3], base=True)[0].float())
+    assert not torch.equal(group.base_latents, group.latents)

@@ -18,10 +18,17 @@ class CandidateSampler:
 
     def sample(self, group_id: str, prompt: str, seeds: list[int], metadata: dict | None = None) -> CandidateGroup:
         latents, images = self.generator.generate([prompt] * len(seeds), seeds)
-        base = self.generator.generate([prompt] * len(seeds), seeds, base=True)[0] if self.with_base else None
+        base = self.base_latents(prompt, seeds) if self.with_base else None
         return CandidateGroup(group_id=group_id, prompt=prompt, seeds=list(seeds), latents=latents.float(),
                               images=images, version=self.version, base_latents=None if base is None else base.float(),
                               metadata=metadata)
+
+    @torch.no_grad()
+    def base_latents(self, prompt: str, seeds: list[int]) -> torch.Tensor:
+        """G_base(ε_i, c) without decoding images (the learner needs only the latents)."""
+        gen = self.generator
+        with gen.base_model():
+            return gen.predict_x0(gen.noise(seeds), gen.encode_prompts([prompt] * len(seeds)))
 
     def extend(self, group: CandidateGroup, seeds: list[int]) -> CandidateGroup:
         """Another sampling round for the same prompt (binary rewards); base latents stay those of the first K."""
