@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 RUN_DIR ?= runs/demo-$(shell date +%Y%m%d-%H%M%S)
 
-.PHONY: demo test install sysdeps clean protos
+.PHONY: demo test install sysdeps clean protos smoke-real
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,11 @@ demo: install
 
 test: install
 	$(PY) -m pytest -q tests
+
+# One full DrPO update of the SD-Turbo recipe on the real SD-Turbo architecture (random weights, built
+# offline once into ~/.cache/drpo/smoke-real), on CPU; prints time and peak RSS per stage (docs/models.md).
+smoke-real: install
+	OMP_NUM_THREADS=2 $(PY) benchmarks/smoke_real.py
 
 # Regenerate the committed gRPC stubs of the reward service (same command as in the .proto header).
 protos: $(STAMP)

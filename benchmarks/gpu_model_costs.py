@@ -14,6 +14,9 @@ process's CPU time with one torch thread, which other processes on a shared mach
     generate_merged the same with the LoRA merged (a sampling-only generator after loading weights)
     learner_step    DrpoLearner.update on one prompt group of K candidates (latent_resnet φ), ÷ K
     learner_ckpt    the same with gradient checkpointing (UNet + VAE)
+    learner_preset  SD-Turbo only: the sd-turbo.yaml learner (official x0, latent-MAE φ of width 256 in the
+                    official layout, checkpointing, one prompt per micro-batch); its peak GPU memory is the
+                    per-micro-batch peak of the paper's 32 × 24 update (docs/models.md, memory plan)
     phi_<kind>      forward + backward of each feature encoder on K policy latents, ÷ K
 and the peak GPU memory of each (CUDA only).
 """
@@ -181,6 +184,16 @@ def measure(kind: str, path: str, args, pixel_paths: dict[str, str]) -> dict[str
                               TrainerConfig(lr=1e-5, mixed_precision=precision))
         results[label] = timed(lambda: learner.update([group]), args.repeats, cuda)
         del learner, sampler, group
+    if kind == "sd-turbo":  # the SD-Turbo preset's learner: official x0 and latent-MAE φ, checkpointing, M = K/3
+        g = model(gradient_checkpointing=True, x0="official")
+        mae = FeaturesConfig(kind="latent_mae", width=256 if real else 8, stage_blocks=[3, 4, 6, 3],
+                             keys=None if real else ["layer4_mean", "layer4_std"])  # tiny latents: layer4 is 1×1
+        group = CandidateSampler(g, with_base=True).sample("bench", prompts[0], seeds)
+        group.scores = torch.randn(K, generator=torch.Generator().manual_seed(0))
+        learner = DrpoLearner(g, build_encoder(mae, g.latent_shape[0], g.device), algo,
+                              TrainerConfig(lr=1e-4, mixed_precision=precision, micro_batch_prompts=1))
+        results["learner_preset"] = timed(lambda: learner.update([group]), args.repeats, cuda)
+        del learner, group
     return {name: (seconds * 1000 / K, peak) for name, (seconds, peak) in results.items()}
 
 

@@ -30,6 +30,9 @@ class ModelConfig(Section):
     variant: str | None = Field(None, description="diffusers weight variant, e.g. 'fp16' (unet/diffusion_pytorch_model.fp16.safetensors)")
     resolution: int = Field(32, gt=0, description="image side in pixels; the latent side is resolution / vae factor")
     timestep: int = Field(999, ge=0, le=999)
+    x0: Literal["pipeline", "official"] = Field("pipeline", description="clean-latent conversion: 'pipeline' = the stock "
+                                                "one-step diffusers pipeline (x_t = √(1−ᾱ)ε, scheduler x0); 'official' = "
+                                                "the official SD-Turbo code (UNet on ε, x0 = ((ε − 0.9977ε̂)/0.0683)·0.9996 + 0.0292ε̂)")
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     device: str = Field("auto", description="'auto' picks cuda when available, else cpu")
     # speed / memory options (all off by default: on CPU they do not help)
@@ -42,6 +45,13 @@ class ModelConfig(Section):
     vae_tiling: bool = Field(False, description="decode large images tile by tile (less memory)")
     vae_slicing: bool = Field(False, description="decode one image at a time (less memory)")
     gradient_checkpointing: bool = Field(False, description="recompute UNet activations in backward (learner memory)")
+
+    @model_validator(mode="after")
+    def _official_x0_is_sd_turbo_at_999(self) -> "ModelConfig":
+        if self.x0 == "official" and (self.kind != "sd-turbo" or self.timestep != 999):
+            raise ValueError("model.x0 'official' is SD-Turbo's one-step conversion at t=999 (its constants); "
+                             f"kind {self.kind!r} at timestep {self.timestep} needs x0: pipeline")
+        return self
 
     @model_validator(mode="after")
     def _tiny_path_matches_kind(self) -> "ModelConfig":
@@ -59,20 +69,30 @@ class LoraConfig(Section):
     target_modules: list[str] | str = Field(["to_q", "to_k", "to_v", "to_out.0"], description="module names, or one regex string")
     init_from: str | None = Field(None, description="start from an existing UNet LoRA: a drpo run/checkpoint/export folder, a "
                                   "PEFT adapter or diffusers LoRA folder, local or a hub id (rank and targets must match)")
+    init: Literal["default", "gaussian"] = Field("default", description="LoRA A init (B=0 either way): 'default' = peft's "
+                                                 "Kaiming-uniform (the official code); 'gaussian' = N(0, 1/r)")
 
 
 class FeaturesConfig(Section):
     """The frozen feature encoder φ (drpo-method.md §1.6.4). Fields apply to the kinds their descriptions name."""
 
-    kind: Literal["latent_resnet", "unet_hidden", "dinov2", "vit_mae"] = Field(
-        "latent_resnet", description="latent_resnet: GroupNorm ResNet on latents (latent-MAE layout); unet_hidden: "
-        "frozen base-UNet hidden states; dinov2 / vit_mae: pixel ViT on VAE-decoded images")
-    width: int = Field(32, gt=0, description="latent_resnet: width C of the first stage")
-    stage_blocks: list[int] = Field([1, 1], min_length=1, description="latent_resnet: blocks per stage ([3,4,6,3] = latent-MAE)")
+    kind: Literal["latent_resnet", "latent_mae", "unet_hidden", "dinov2", "vit_mae"] = Field(
+        "latent_resnet", description="latent_resnet: our SiLU ResNet on latents (optionally norm-free; the tuned tiny "
+        "default); latent_mae: the official latent-MAE encoder (ReLU, GroupNorm, official checkpoint layout); "
+        "unet_hidden: frozen base-UNet hidden states; dinov2 / vit_mae: pixel ViT on VAE-decoded images")
+    width: int = Field(32, gt=0, description="latent_resnet / latent_mae without checkpoint: width C of the first stage")
+    stage_blocks: list[int] = Field([1, 1], min_length=1, description="latent_resnet / latent_mae without checkpoint: "
+                                    "blocks per stage ([3,4,6,3] = latent-MAE)")
+    keys: list[str] | None = Field(None, description="latent_mae: feature keys (default: the SD-Turbo recipe's six "
+                                   "layer4 keys _mean/_std/_mean_2/_std_2/_mean_4/_std_4); dinov2 / vit_mae: default the "
+                                   "official layer{l}_patch_mean/_patch_std/_cls, or also layer{l}_patch_mean_p/_std_p")
+    block_stride: int = Field(2, ge=0, description="latent_mae: layerN_blk{b} keys every block_stride blocks (0 = none)")
+    include_norm_x: bool = Field(False, description="latent_mae: offer the input-RMS key norm_x")
     downsample: bool = Field(False, description="latent_resnet: stride 2 at the first block of every stage after the first")
     groups: int = Field(8, ge=0, description="latent_resnet: GroupNorm groups; 0 = no normalisation (random encoders)")
     patch_sizes: list[int] = Field([2, 4], description="p×p patch mean/std keys besides the global ones")
-    checkpoint: str | None = Field(None, description="latent_resnet: safetensors state dict; None keeps the seeded random init")
+    checkpoint: str | None = Field(None, description="latent_resnet: safetensors state dict; latent_mae: the official "
+                                   ".pth (or .safetensors with its keys); None keeps the seeded random init")
     seed: int = Field(1234, description="latent_resnet: random init; unet_hidden: the fixed noise added to the latent")
     path: str | None = Field(None, description="dinov2 / vit_mae: hub id or local folder (default facebook/dinov2-base, "
                              "facebook/vit-mae-base)")
@@ -81,7 +101,13 @@ class FeaturesConfig(Section):
                                                  "hidden-state indices (default: 4 evenly spaced / the last)")
     timestep: int = Field(100, ge=0, le=999, description="unet_hidden: UNet timestep")
     noise_scale: float = Field(0.1, ge=0, description="unet_hidden: input = latent + noise_scale · fixed noise")
-    pool_grid: int = Field(4, gt=0, description="unet_hidden: hidden states are average-pooled to a pool_grid² grid")
+    pool_grid: int = Field(4, gt=0, description="unet_hidden: pooled_points: pool to a pool_grid² grid; official: "
+                           "pool_grid×pool_grid average-pool stride")
+    unet_mode: Literal["pooled_points", "official"] = Field("pooled_points", description="unet_hidden: 'official' = the "
+                                                            "official teacher-UNet φ (prompt-conditioned, fresh noise per "
+                                                            "call, stride-pool_grid average pool flattened to one vector "
+                                                            "per image and layer); 'pooled_points' = ours (empty prompt, "
+                                                            "one fixed noise, pool_grid² points of dim C + mean/std keys)")
 
     @field_validator("patch_sizes")
     @classmethod
@@ -92,8 +118,10 @@ class FeaturesConfig(Section):
 
     @model_validator(mode="after")
     def _fields_fit_kind(self) -> "FeaturesConfig":
-        if self.checkpoint is not None and self.kind != "latent_resnet":
-            raise ValueError(f"'checkpoint' is for kind latent_resnet; kind {self.kind!r} loads weights from 'path'")
+        if self.checkpoint is not None and self.kind not in ("latent_resnet", "latent_mae"):
+            raise ValueError(f"'checkpoint' is for kinds latent_resnet / latent_mae; kind {self.kind!r} loads weights from 'path'")
+        if self.keys is not None and self.kind not in ("latent_mae", "dinov2", "vit_mae"):
+            raise ValueError(f"'keys' is for kinds latent_mae / dinov2 / vit_mae, not {self.kind!r}")
         if self.path is not None and self.kind not in ("dinov2", "vit_mae"):
             raise ValueError(f"'path' is for kinds dinov2 / vit_mae, not {self.kind!r}")
         return self
@@ -156,8 +184,20 @@ class AlgoConfig(Section):
     ref_weight: float = Field(3000.0, gt=0)
     ref_neg_weight: float = Field(3000.0, gt=0)
     lambda_ref: float = Field(0.2, ge=0, description="λ_ref, weight of the reference drift toward the frozen base")
+    latent_l2_weight: float = Field(0.0, ge=0, description="β_l2: + β·MSE(policy latents, frozen-base latents) per prompt "
+                                    "(official ref_model_l2_weight; 0 in the official DrPO scripts)")
+    feature_l2_weight: float = Field(0.0, ge=0, description="γ_feat: + γ·Σ_keys MSE(φ(policy), φ(base)) per prompt "
+                                     "(official frozen_feature_l2_weight; 0 in the official scripts)")
+    key_aggregation: Literal["sum", "mean"] = Field("sum", description="combine the per-key losses by sum (the official "
+                                                    "SD-Turbo recipe) or mean (the official SDXL trainer)")
     binary_threshold: float | None = Field(None, description="binary reward: pass if score >= threshold")
     max_extra_rounds: int = Field(3, ge=0, description="binary reward: extra K-candidate rounds to find M passes and M fails")
+    binary_rule: Literal["pools", "first_k"] = Field("pools", description="binary reward: 'pools' = the official GenEval "
+                                                     "rule (pass/fail pools capped at M by seeded random draws, random "
+                                                     "anchors, only the positives regressed, skipped prompts count as "
+                                                     "zero-loss slots of the prompt mean); 'first_k' = ours (best passes "
+                                                     "/ worst fails, the first K candidates regressed, skipped prompts "
+                                                     "leave the mean)")
     shuffle_rewards: bool = Field(False, description="control run: shuffle scores within each prompt group before ranking")
     # options of the other objectives and of offline anchors (drpo_core/algorithm_options.py)
     draft: DraftOptions = DraftOptions()
@@ -166,6 +206,11 @@ class AlgoConfig(Section):
     raft: RaftOptions = RaftOptions()
     awr: AwrOptions = AwrOptions()
     offline: OfflineAnchorsOptions = OfflineAnchorsOptions()
+
+    @property
+    def needs_base(self) -> bool:
+        """Whether the frozen base's outputs are needed (reference drift, β_l2 or γ_feat)."""
+        return self.lambda_ref > 0 or self.latent_l2_weight > 0 or self.feature_l2_weight > 0
 
     @field_validator("radii")
     @classmethod

@@ -23,8 +23,8 @@ def test_fill_models_job_downloads_what_the_config_and_reward_server_name(tmp_pa
     server = container(one("reward-server.yaml", "Deployment")["spec"]["template"]["spec"])["command"]
     wanted |= {a.split("=", 1)[1] for a in server if a.startswith(("path=", "options.processor_path="))}
     assert wanted <= repos, wanted - repos
-    converted = re.search(r"convert_mae \S+ (\S+)", script).group(1)
-    assert converted == cfg.features.checkpoint
+    checked = re.search(r"sha256sum -c -\n\s*cp \S+ (\S+)", script).group(1)  # the official file, checked, kept as is
+    assert checked == cfg.features.checkpoint
     head_env = {e["name"]: e.get("value") for e in container(one("ray-cluster.drpo.yaml", "RayCluster")["spec"]["headGroupSpec"])["env"]}
     job_env = {e["name"]: e.get("value") for e in c["env"]}
     assert job_env["HF_HOME"] == head_env["HF_HOME"] and "HF_HUB_OFFLINE" not in job_env  # the one step that downloads

@@ -1,4 +1,4 @@
-"""What docs/walkthrough-sd-turbo.md relies on: the shipped GenEval prompts, the latent-MAE conversion step,
+"""What docs/walkthrough-sd-turbo.md relies on: the shipped GenEval prompts,
 the preset's hub ids, and every repository file and command option the walkthrough names."""
 
 import hashlib
@@ -13,9 +13,6 @@ import pytest
 import torch
 
 from drpo_core.config import load_config
-from drpo_core.features.convert_mae import main as convert_main
-from drpo_core.features.latent import LatentResNetEncoder
-from drpo_core.features.latent_mae import load_latent_resnet_checkpoint
 from drpo_core.training.prompts import prompt_metadata, training_prompts
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,23 +28,6 @@ def test_geneval_prompts_are_the_unmodified_upstream_file_with_licence_and_load_
     assert len(prompts) == 553 and prompts[0] == "a photo of a bench"
     meta = prompt_metadata(cfg.prompts)
     assert meta["a photo of a bench"]["include"] == [{"class": "bench", "count": 1}]
-
-
-def test_official_mae_checkpoint_layout_converts_and_loads(tmp_path, capsys):
-    encoder = LatentResNetEncoder(width=8, stage_blocks=(1, 2), downsample=True, groups=4)
-    paper_keys = {re.sub(r"^stages\.(\d+)\.", lambda m: f"layer{int(m.group(1)) + 1}.", re.sub(
-        r"^norms\.(\d+)\.", lambda m: f"layer{int(m.group(1)) + 1}_norm.", k)): v for k, v in encoder.state_dict().items()}
-    pth = tmp_path / "mae_latent_256_torch.pth"
-    torch.save({"state_dict": {f"module.{k}": v for k, v in paper_keys.items()}, "epoch": 100}, pth)  # a pickled .pth
-    digest = hashlib.sha256(pth.read_bytes()).hexdigest()
-    out = tmp_path / "mae.safetensors"
-    assert convert_main([str(pth), str(out), "--sha256", digest]) == 0
-    assert "width=8, stage_blocks=[1, 2]" in capsys.readouterr().out  # tells which features.* to set
-    fresh = LatentResNetEncoder(width=8, stage_blocks=(1, 2), downsample=True, groups=4)
-    load_latent_resnet_checkpoint(fresh, str(out), "test")
-    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), encoder.state_dict().values()))
-    assert convert_main([str(pth), str(tmp_path / "x.safetensors"), "--sha256", "0" * 64]) == 2
-    assert "is not the expected" in capsys.readouterr().err and not (tmp_path / "x.safetensors").exists()
 
 
 def test_walkthrough_names_only_files_and_options_that_exist():

@@ -19,18 +19,22 @@ def build_encoder(cfg, in_channels: int, device: torch.device, generator=None) -
                       downsample=cfg.downsample, groups=cfg.groups, patch_sizes=tuple(cfg.patch_sizes))
         encoder = LatentResNetEncoder.random_frozen(cfg.seed, **kwargs)
         if cfg.checkpoint:
-            from drpo_core.features.latent_mae import load_latent_resnet_checkpoint
+            from drpo_core.features.latent_checkpoint import load_latent_resnet_checkpoint
 
             desc = f"in_channels={in_channels}, width={cfg.width}, stage_blocks={list(cfg.stage_blocks)}"
             load_latent_resnet_checkpoint(encoder, cfg.checkpoint, desc)
         return encoder.to(device)
+    if cfg.kind == "latent_mae":
+        from drpo_core.features.latent_mae import build_latent_mae
+
+        return build_latent_mae(cfg, in_channels).to(device)
     if generator is None:
         raise ValueError(f"features.kind {cfg.kind!r} runs on the generator's own modules; pass generator=")
     if cfg.kind == "unet_hidden":
         from drpo_core.features.unet import UnetHiddenEncoder
 
         return UnetHiddenEncoder(generator, layers=cfg.layers, timestep=cfg.timestep, noise_scale=cfg.noise_scale,
-                                 grid=cfg.pool_grid, patch_sizes=tuple(cfg.patch_sizes), seed=cfg.seed)
+                                 grid=cfg.pool_grid, patch_sizes=tuple(cfg.patch_sizes), seed=cfg.seed, mode=cfg.unet_mode)
     from drpo_core.features.pixel import PixelViTEncoder
 
-    return PixelViTEncoder(cfg.kind, cfg.path, generator, layers=cfg.layers, patch_sizes=tuple(cfg.patch_sizes))
+    return PixelViTEncoder(cfg.kind, cfg.path, generator, layers=cfg.layers, patch_sizes=tuple(cfg.patch_sizes), keys=cfg.keys)

@@ -7,9 +7,9 @@ The VAE decode sits inside the gradient path (both frozen; gradients reach the g
 identity patch order (MAE's random shuffle is fixed by passing increasing ``noise``), so every patch is
 seen in place. Both come from a hub id or a local folder through ``from_pretrained``.
 
-Keys per layer l: ``layer{l}_patch_mean`` / ``_std`` `[N, 1, D]` (over all patches),
-``layer{l}_patch_mean_p`` / ``_std_p`` (p×p groups of patches, where the patch grid divides) and
-``layer{l}_cls`` `[N, 1, D]`.
+Keys per layer l, by default the official three: ``layer{l}_patch_mean`` / ``_std`` `[N, 1, D]` (over all
+patches) and ``layer{l}_cls`` `[N, 1, D]`; ``features.keys`` may also ask for ``layer{l}_patch_mean_p`` /
+``_std_p`` (p×p groups of patches, where the patch grid divides).
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ class PixelViTEncoder(nn.Module):
     """Frozen DINOv2 / ViT-MAE features of decoded images; ``encoder(latents) -> {key: [N, L, D]}``."""
 
     def __init__(self, kind: str, path: str | None, generator, layers: list[int] | None = None,
-                 patch_sizes: tuple[int, ...] = (2, 4)):
+                 patch_sizes: tuple[int, ...] = (2, 4), keys: list[str] | None = None):
         super().__init__()
         from transformers import Dinov2Model, ViTMAEModel
 
@@ -77,6 +77,12 @@ class PixelViTEncoder(nn.Module):
         if bad:
             raise ValueError(f"features.layers {bad} out of range for {self.path!r} with {n} layers (1..{n})")
         self.patch_sizes = tuple(p for p in patch_sizes if p < self.grid and self.grid % p == 0)
+        available = [f"layer{l}_{s}" for l in self.layers for s in ("patch_mean", "patch_std", "cls")]
+        available += [f"layer{l}_patch_{m}_{p}" for l in self.layers for p in self.patch_sizes for m in ("mean", "std")]
+        self.keys = list(keys) if keys else available[:3 * len(self.layers)]  # official: 3 keys per layer
+        unknown = [k for k in self.keys if k not in available]
+        if unknown:
+            raise ValueError(f"features.keys: {unknown[0]!r} is not a {kind} key here; available: {', '.join(available)}")
         self.register_buffer("mean", torch.tensor(mean, device=generator.device).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(std, device=generator.device).view(1, 3, 1, 1))
 
@@ -95,4 +101,4 @@ class PixelViTEncoder(nn.Module):
             patches = h[:, 1:1 + self.grid**2].transpose(1, 2).reshape(h.shape[0], -1, self.grid, self.grid)
             feats.update(multiscale_mean_std(patches, f"layer{layer}_patch", self.patch_sizes))
             feats[f"layer{layer}_cls"] = h[:, :1]
-        return feats
+        return {k: feats[k] for k in self.keys}

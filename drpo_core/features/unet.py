@@ -11,8 +11,16 @@
 - Forward hooks capture the block outputs; the forward stops after the last hooked block, so the
   remaining up blocks cost nothing.
 
-Keys per hooked block ``<name>`` (``down2``, ``mid``, ``up0``): ``<name>_pool<g>`` `[N, g², C]` (the
-g×g average-pooled map, flattened: the official feature) and ``multiscale_mean_std`` of the map.
+Keys per hooked block ``<name>`` (``down2``, ``mid``, ``up0``): ``<name>_pool<g>`` `[N, g², C]` (the map
+average-pooled to a g×g grid: g² points of dimension C) and ``multiscale_mean_std`` of the map.
+
+``mode="official"`` is the official teacher-UNet φ (``SDXLTeacherUNetFeatureExtractor``) instead:
+
+    φ_l(x) = flatten( avgpool_{g×g, stride g}( U_base(x + s·n, t, c_prompt)_l ) )   `[N, 1, C·(H/g)·(W/g)]`
+
+keyed by the module name (``down_blocks.2``...), one vector per image and layer (a map smaller than g
+is pooled to 1×1), conditioned on each image's own prompt, with fresh noise n at every call (drawn from
+a generator seeded once, so a run is reproducible). It needs the prompts: ``encoder(latents, prompts=…)``.
 """
 
 from __future__ import annotations
@@ -46,8 +54,11 @@ class UnetHiddenEncoder:
     """Frozen base-UNet feature encoder; ``encoder(latents [N, C, h, w]) -> {key: [N, L, D]}``."""
 
     def __init__(self, generator, layers: list[str] | None = None, timestep: int = 100, noise_scale: float = 0.1,
-                 grid: int = 4, patch_sizes: tuple[int, ...] = (2, 4), seed: int = 0):
+                 grid: int = 4, patch_sizes: tuple[int, ...] = (2, 4), seed: int = 0, mode: str = "pooled_points"):
         self.generator, self.timestep, self.noise_scale, self.grid = generator, timestep, noise_scale, grid
+        self.official = mode == "official"
+        self.needs_prompts = self.official  # the learner passes each image's prompt
+        self.rng = torch.Generator(device="cpu").manual_seed(seed)  # official mode: fresh noise per call
         unet = generator.unet
         self.layers = [str(name) for name in layers] if layers else default_unet_layers(unet)
         known = {name for name, _ in unet.named_modules()}
@@ -65,12 +76,17 @@ class UnetHiddenEncoder:
                 raise _EnoughFeatures
         return hook
 
-    def __call__(self, latents: torch.Tensor) -> FeatureDict:
+    def __call__(self, latents: torch.Tensor, prompts: list[str] | None = None) -> FeatureDict:
         gen = self.generator
         n = latents.shape[0]
-        x = latents + self.noise_scale * self.noise.to(latents.dtype)
+        if self.official:
+            if prompts is None or len(prompts) != n:
+                raise ValueError("unet_hidden in official mode is prompt-conditioned: pass one prompt per latent")
+            noise = torch.randn(latents.shape, generator=self.rng).to(latents.device, latents.dtype)
+            x, cond = latents + self.noise_scale * noise, gen.encode_prompts(list(prompts))
+        else:
+            x, cond = latents + self.noise_scale * self.noise.to(latents.dtype), gen.encode_prompts([""] * n)
         t = torch.full((n,), self.timestep, device=latents.device, dtype=torch.long)
-        cond = gen.encode_prompts([""] * n)
         captured: dict[str, torch.Tensor] = {}
         with gen.base_model(), gradient_checkpointing_off(gen.unet) as unet:
             handles = [unet.get_submodule(name).register_forward_hook(self._hook(captured, name)) for name in self.layers]
@@ -82,6 +98,13 @@ class UnetHiddenEncoder:
                 for handle in handles:
                     handle.remove()
         feats: FeatureDict = {}
+        if self.official:
+            for name in self.layers:
+                fmap = captured[name].float()
+                small = fmap.shape[-1] < self.grid or fmap.shape[-2] < self.grid
+                pooled = F.adaptive_avg_pool2d(fmap, 1) if small else F.avg_pool2d(fmap, self.grid, self.grid)
+                feats[name] = pooled.flatten(1)[:, None]
+            return feats
         for name in self.layers:
             fmap = captured[name].float()  # [N, C, H, W]
             prefix = short_name(name)

@@ -6,12 +6,18 @@ and the scheduler's ᾱ_t converts its prediction to the clean latent:
     epsilon:       x0 = (x_t − √(1−ᾱ_t) ε̂) / √ᾱ_t
     v_prediction:  x0 = √ᾱ_t x_t − √(1−ᾱ_t) v̂
 
-This is exactly what the stock one-step pipeline computes (``StableDiffusion[XL]Pipeline`` with the
+``model.x0: official`` instead follows the official SD-Turbo code (``sdturbo.one_step_clean_latent``): the
+UNet sees ε unscaled and a DDIM step to t=0 with its rounded constants gives
+
+    x0 = ((ε − 0.9977 ε̂) / 0.0683) · 0.9996 + 0.0292 ε̂        (0.9977 ≈ √(1−ᾱ_999), 0.0683 ≈ √ᾱ_999,
+                                                             0.9996 ≈ √ᾱ_0, 0.0292 ≈ √(1−ᾱ_0))
+
+which, for the same ε̂ and SD-Turbo's ᾱ, is the pipeline form + 0.055 ε + 0.042 ε̂ (and the UNet sees a 0.23 %
+larger input). Exported models reproduce the 'pipeline' form (stock diffusers). The default ('pipeline') is
+exactly what the stock one-step pipeline computes (``StableDiffusion[XL]Pipeline`` with the
 models' Euler "trailing" scheduler, ``num_inference_steps=1``, ``guidance_scale=0``, ``latents=ε``):
 it scales ε by ``init_noise_sigma`` = σ_max and ``scale_model_input`` divides by √(σ_max²+1), which is
 √(1−ᾱ_t)·ε; its Euler step to σ=0 returns x0. So an exported model reproduces training-time samples.
-(The official DrPO code feeds ε unscaled and ends at DDIM's t=0, drpo-method.md §3.1: a 0.2% input
-scale and a √ᾱ_0 = 0.9996 output factor away from this.)
 
 The frozen base ``G_base`` is the same UNet with its LoRA adapter disabled (no second copy). Every
 candidate is reproducible from its seed: ε comes from a per-candidate ``torch.Generator``.
@@ -155,8 +161,9 @@ class OneStepGenerator:
         if not matched:
             raise ModelLoadError(f"lora.target_modules {targets!r} match no module of the UNet")
         self.unet.add_adapter(PeftLoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-                                             init_lora_weights="gaussian", target_modules=targets))
-        # peft's gaussian init leaves B=0, so the policy starts exactly at the base model
+                                             init_lora_weights=True if cfg.init == "default" else "gaussian",
+                                             target_modules=targets))
+        # both inits leave B=0, so the policy starts exactly at the base model
         self.unet.to(self.device)
         for p in self.trainable_parameters():  # fp32 LoRA weights under a half-precision base (peft casts inputs)
             p.data = p.data.float()
@@ -277,6 +284,9 @@ class OneStepGenerator:
         if self._merger is not None and self._merger.merged and torch.is_grad_enabled():
             raise RuntimeError("the LoRA is merged for sampling; a forward that trains it needs unmerge_lora() first")
         t = torch.full((noise.shape[0],), self.cfg.timestep, device=noise.device, dtype=torch.long)
+        if self.cfg.x0 == "official":  # the official SD-Turbo conversion (module docstring)
+            pred = self.unet_forward(noise, t, text_emb)
+            return (((noise - 0.9977 * pred) / 0.0683) * 0.9996 + 0.0292 * pred).to(noise.dtype)
         x_t = self.sqrt_one_minus_alpha_bar * noise
         pred = self.unet_forward(x_t, t, text_emb)
         if self.prediction_type == "epsilon":

@@ -14,7 +14,8 @@ import torch
 from drpo_core.config import AlgoConfig, TrainerConfig
 from drpo_core.features.common import FeatureEncoder
 from drpo_core.models.generator import OneStepGenerator
-from drpo_core.algorithms.groups import CandidateGroup
+from drpo_core.algorithms.binary_pools import official_binary_pools
+from drpo_core.algorithms.groups import CandidateGroup, stable_seed
 from drpo_core.algorithms.loss import drpo_group_loss
 from drpo_core.algorithms.ranking import select_anchors
 from drpo_core.training import data_parallel
@@ -27,6 +28,11 @@ def autocast_context(device: torch.device, mixed_precision: str):
         return contextlib.nullcontext()
     dtype = torch.float16 if mixed_precision == "fp16" else torch.bfloat16
     return torch.autocast("cuda", dtype=dtype)
+
+
+def _phi(encoder: FeatureEncoder, latents: torch.Tensor, prompts: list[str]):
+    """φ(latents); a prompt-conditioned encoder (official teacher UNet) also gets each latent's prompt."""
+    return encoder(latents, prompts=prompts) if getattr(encoder, "needs_prompts", False) else encoder(latents)
 
 
 def _select(feats: dict[str, torch.Tensor], idx: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -62,21 +68,36 @@ class DrpoLearner:
             return self._objective_update(groups)
         K, M = self.algo.num_candidates, self.algo.num_anchors
         stats: dict[str, float] = {"update/groups": float(len(groups))}
-        # DrPO line 7: disjoint top-M / bottom-M per prompt from the ranking scores
-        kept, anchors = [], []
+        # DrPO line 7: disjoint top-M / bottom-M per prompt from the ranking scores, or (binary rewards,
+        # official rule) random anchors from capped pass/fail pools with only the positives regressed
+        kept, anchors, regress = [], [], []
+        pools = self.algo.binary_threshold is not None and self.algo.binary_rule == "pools"
         for g in groups:
+            if pools:
+                rng = torch.Generator().manual_seed(stable_seed("binary-pools", self.trainer_cfg.seed, g.group_id))
+                pick = official_binary_pools(g.scores, K, M, self.algo.binary_threshold, rng)
+                if pick is None:
+                    stats["skipped/too_few_passes_or_fails"] = stats.get("skipped/too_few_passes_or_fails", 0.0) + 1
+                    continue
+                kept.append(g)
+                anchors.append((pick.pos_idx, pick.neg_idx))
+                regress.append(pick.regress_idx)
+                continue
             sel = select_anchors(g.scores[None], M, binary_threshold=self.algo.binary_threshold)
             for reason, n in sel.skipped.items():
                 stats[f"skipped/{reason}"] = stats.get(f"skipped/{reason}", 0.0) + n
             if bool(sel.keep[0]):
                 kept.append(g)
                 anchors.append((sel.pos_idx[0], sel.neg_idx[0]))
+                regress.append(torch.arange(K))  # the first K candidates
         stats["update/kept_groups"] = float(len(kept))
         stats["update/applied"] = 0.0
         # data-parallel: this worker holds a share of the step's groups; n counts the kept groups of all workers
         n = data_parallel.all_reduce_count(len(kept), self.generator.device)
         if not n:
             return data_parallel.sum_stats(stats)
+        # the loss is a mean over prompts; the official binary rule counts a skipped prompt as a zero-loss slot
+        denominator = data_parallel.all_reduce_count(len(groups), self.generator.device) if pools else n
 
         # DrPO lines 8–14 in micro-batches of prompts: the loss is a mean over prompts, so accumulating
         # each chunk's share of the gradient is exact and bounds activation memory
@@ -84,14 +105,15 @@ class DrpoLearner:
         chunk = self.trainer_cfg.micro_batch_prompts or max(1, len(kept))
         total, sums = 0.0, {}
         for start in range(0, len(kept), chunk):
-            loss, part_stats = self._chunk_loss(kept[start:start + chunk], anchors[start:start + chunk])
-            loss = loss / n
+            part = slice(start, start + chunk)
+            loss, part_stats = self._chunk_loss(kept[part], anchors[part], regress[part])
+            loss = loss / denominator
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"non-finite DrPO loss {float(loss.detach())} at version {self.version}")
             self.scaler.scale(loss).backward()  # the reward is never differentiated
             total += float(loss.detach())
             for k, v in part_stats.items():
-                sums[k] = sums.get(k, 0.0) + v / n
+                sums[k] = sums.get(k, 0.0) + v / denominator
         return self._step(stats, sums, total, kept, n)
 
     def _step(self, stats: dict[str, float], sums: dict[str, float], total: float, kept: list[CandidateGroup],
@@ -141,32 +163,54 @@ class DrpoLearner:
                 sums[k] = sums.get(k, 0.0) + v / n
         return self._step(stats, sums, total, kept, n)
 
-    def _chunk_loss(self, kept: list[CandidateGroup], anchors: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, dict[str, float]]:
-        """Σ over the chunk's prompts of the per-prompt DrPO loss, and Σ of their stats."""
+    def _base_latents(self, g: CandidateGroup, idx: torch.Tensor) -> torch.Tensor:
+        """G_base(ε_i, c) for candidates ``idx``: the sampled ones where they exist, else recomputed (no grad)."""
+        if g.base_latents is not None and int(idx.max()) < g.base_latents.shape[0]:
+            return g.base_latents[idx]
+        gen = self.generator
+        with gen.base_model():
+            return gen.predict_x0(gen.noise([g.seeds[i] for i in idx.tolist()]), gen.encode_prompts([g.prompt] * len(idx))).float()
+
+    def _chunk_loss(self, kept: list[CandidateGroup], anchors: list[tuple[torch.Tensor, torch.Tensor]],
+                    regress: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+        """Σ over the chunk's prompts of the per-prompt DrPO loss, and Σ of their stats.
+
+        ``regress[b]`` are the candidates of prompt b whose features are regressed (default: the first K).
+        """
         K, M = self.algo.num_candidates, self.algo.num_anchors
+        regress = regress or [torch.arange(K)] * len(kept)
+        offsets = [0]
+        for r in regress:
+            offsets.append(offsets[-1] + len(r))
         gen = self.generator
         device = gen.device
         with autocast_context(device, self.trainer_cfg.mixed_precision):
             # DrPO line 4 (with grad): x_i = G_θ(ε_i, c) on the candidates' own noises
-            seeds = [s for g in kept for s in g.seeds[:K]]
-            emb = gen.encode_prompts([g.prompt for g in kept for _ in range(K)])
-            x = gen.predict_x0(gen.noise(seeds), emb)
-            gen_feats = self.encoder(x)  # key -> [B·K, L, D]
+            seeds = [g.seeds[i] for g, r in zip(kept, regress) for i in r.tolist()]
+            prompts = [g.prompt for g, r in zip(kept, regress) for _ in range(len(r))]
+            x = gen.predict_x0(gen.noise(seeds), gen.encode_prompts(prompts))
+            gen_feats = _phi(self.encoder, x, prompts)  # key -> [B·K, L, D]
         with torch.no_grad():
             anchor_latents = torch.cat([g.latents[torch.cat([p, n])] for g, (p, n) in zip(kept, anchors)]).to(device)
-            anchor_feats = self.encoder(anchor_latents)  # key -> [B·2M, L, D]
-            use_ref = self.algo.lambda_ref > 0
-            ref_feats = self.encoder(torch.cat([g.base_latents for g in kept]).to(device)) if use_ref else None
+            anchor_feats = _phi(self.encoder, anchor_latents, [g.prompt for g in kept for _ in range(2 * M)])  # [B·2M, L, D]
+            use_ref = self.algo.lambda_ref > 0 or self.algo.feature_l2_weight > 0
+            base_latents = (torch.cat([self._base_latents(g, r).to(device) for g, r in zip(kept, regress)])
+                            if self.algo.needs_base else None)
+            ref_feats = _phi(self.encoder, base_latents, prompts) if use_ref else None
 
         # DrPO lines 8–13: per-prompt drift targets and regression
         total = torch.zeros((), device=device)
         sums: dict[str, float] = {}
         for b in range(len(kept)):
-            group = slice(b * K, (b + 1) * K)
+            group = slice(offsets[b], offsets[b + 1])
             mine = {k: v[group].float() for k, v in gen_feats.items()}
             a = {k: v[b * 2 * M:(b + 1) * 2 * M].float() for k, v in anchor_feats.items()}
             ref = {k: v[group].float() for k, v in ref_feats.items()} if use_ref else None
             loss, s = drpo_group_loss(mine, _select(a, slice(0, M)), _select(a, slice(M, 2 * M)), ref, self.algo)
+            if self.algo.latent_l2_weight > 0:  # β_l2: the official ref_model_l2 term on the latents themselves
+                latent_l2 = (x[group].float() - base_latents[group].float()).square().mean()
+                loss = loss + self.algo.latent_l2_weight * latent_l2
+                s["loss/latent_l2"] = float(latent_l2.detach())
             total = total + loss
             for k, v in s.items():
                 sums[k] = sums.get(k, 0.0) + v

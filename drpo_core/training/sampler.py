@@ -28,7 +28,7 @@ def needs_base_latents(algo) -> bool:
     """Whether the objective of ``algo`` (an AlgoConfig) reads the frozen base's outputs."""
     kind = algo.kind
     if kind == "drpo":
-        return algo.lambda_ref > 0
+        return algo.needs_base  # reference drift, β_l2 or γ_feat
     if kind in ("drpo-awr", "drpo-awr-topk"):
         return True  # the base's features are part of the force
     if kind == "dpo":
