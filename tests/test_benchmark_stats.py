@@ -41,5 +41,6 @@ def test_paired_summary_is_the_median_of_per_pair_ratios():
     assert s["ratios"] == pytest.approx([1.1, 0.9, 1.22, 1.1, 1.0])
     assert s["median_ratio"] == pytest.approx(1.1) and (s["min_ratio"], s["max_ratio"]) == (pytest.approx(0.9), pytest.approx(1.22))
     assert (s["ray_faster"], s["local_faster"]) == (1, 3)
-    # the median of ratios, not the ratio of medians (here 110/100)
-    assert summarize_pairs([{"local": 1, "ray": 3}, {"local": 10, "ray": 5}, {"local": 4, "ray": 4}])["median_ratio"] == 1.0
+    # the median of per-pair ratios (2, 0.5, 3, 1/3 → 1.25), not the ratio of the medians (6 / 6 = 1)
+    crossed = [{"local": 1, "ray": 2}, {"local": 2, "ray": 1}, {"local": 10, "ray": 30}, {"local": 30, "ray": 10}]
+    assert summarize_pairs(crossed)["median_ratio"] == pytest.approx(1.25)
