@@ -26,6 +26,7 @@ import ray
 from ray.exceptions import ObjectLostError, RayActorError, RayTaskError
 
 from drpo_core.config import DrpoConfig, dump_config
+from drpo_core.training.checkpoint import CheckpointError
 from drpo_core.training.prompts import PromptSampler, training_prompts
 from drpo_core.training.reporting import MetricsWriter, plot_reward_curve
 from drpo_core.training.trainer import group_stats
@@ -163,6 +164,8 @@ class Controller:
         except RayTaskError as e:
             if isinstance(e.cause, LearnerRestartedError):
                 raise LearnerLostError(str(e.cause)) from None
+            if isinstance(e.cause, OSError):  # read-only or full run folder: stop in one line; the last checkpoint stands
+                raise CheckpointError(f"the learner cannot write to the run folder {self.output_dir}: {e.cause}") from None
             raise
 
     # -- plumbing ---------------------------------------------------------------------------------

@@ -43,6 +43,8 @@ def run_local(cfg, resume: Path | None, fail: Callable[[str], None]) -> dict:
             result = trainer.run(on_step=on_step, resume=resume)
         except CheckpointError as e:
             fail(str(e))
+        except OSError as e:  # read-only or full run folder: the last checkpoint stands, --resume continues from it
+            fail(f"cannot write to the run folder {out}: {e}")
     print_run_summary(console, trainer.step, out, result)
     return result
 

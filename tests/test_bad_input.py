@@ -227,3 +227,18 @@ def test_cli_exits_2_with_one_line_and_writes_nothing(tmp_path, case):
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("drpo: error: "), proc.stderr[-2000:]
     assert not (out / "metrics.jsonl").exists()
+
+
+def test_an_unwritable_checkpoint_folder_stops_the_run_in_one_line_and_keeps_what_was_done(tmp_path):
+    """`checkpoints` is a file, so no checkpoint can be written (as with a read-only or full disk, without root):
+    the run stops at its first checkpoint with one line naming the folder; the metrics of the steps done stay."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "checkpoints").write_text("not a folder")
+    proc = drpo("train", "--local", "--set", "trainer.steps=2", "--set", "trainer.checkpoint_every=1",
+                "--set", "trainer.heldout_eval_seeds=0", "--set", "algo.num_candidates=4", "--set", "algo.num_anchors=1",
+                "--output-dir", str(out))
+    lines = [line for line in proc.stderr.splitlines() if line.strip() and not line.lstrip().startswith(("DrPO", "━"))]
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert lines[-1].startswith(f"drpo: error: cannot write to the run folder {out}") and "Traceback" not in proc.stderr
+    assert (out / "metrics.jsonl").read_text().count('"step": 1') == 1
