@@ -15,6 +15,7 @@ Per case, from public outputs only (metrics.jsonl, checkpoints, exit status):
     groups lost        Σ over steps of B − (kept + skipped-with-reason), B for a step with no row
     groups duplicated  Σ over steps of max(0, groups the update saw − B)
     skipped            groups skipped by the learner, with the reason (missing scores → too_few_valid, ...)
+    scores missing     candidates the reward gave no score (the group is still trained if enough remain)
     weights            = fault-free: for faults that only delay work this must hold (else counted as lost)
     extra wall s       case wall time − fault-free wall time (a loaded machine makes this an upper bound)
 
@@ -201,7 +202,8 @@ class Bench:
             torch.allclose(weights[k], self.reference[k], rtol=1e-5, atol=1e-7) for k in self.reference)
         if name in DELAY_ONLY and same is False:
             lost += 1  # a delay-only fault changed the result: some group was lost, duplicated or remade wrongly
-        return {"fault": name, "injections": injections, "lost": lost, "duplicated": duplicated,
+        missing = sum(int(v) for r in last.values() for k, v in r.items() if k.startswith("reward/") and k.endswith("/missing"))
+        return {"fault": name, "injections": injections, "lost": lost, "duplicated": duplicated, "missing_scores": missing,
                 "skipped": ", ".join(f"{n} {k}" for k, n in sorted(skipped.items())) or "0",
                 "same_weights": same, "steps": len(last), "wall_s": wall, "error": error,
                 "duplicates_dropped": int(rows[-1].get("runtime/duplicates_dropped", 0)) if rows else 0}
@@ -242,15 +244,15 @@ class Bench:
     def format_row(r: dict) -> str:
         same = {True: "yes", False: "no", None: "—"}[r["same_weights"]]
         note = r["error"] or ""
-        return (f"| {r['fault']} | {r['injections']} | {r['lost']} | {r['duplicated']} | {r['skipped']} | {same} | "
+        return (f"| {r['fault']} | {r['injections']} | {r['lost']} | {r['duplicated']} | {r['skipped']} | {r['missing_scores']} | {same} | "
                 f"{r['steps']} | {{extra}} | {note} |")
 
     def print_table(self, base_wall: float) -> None:
         print(f"\n{self.args.steps} steps × 2 prompt groups, tiny default, max_staleness 0; "
               f"fault-free wall {base_wall:.0f} s\n")
-        print("| fault | injections | groups lost | groups duplicated | skipped (reason) | weights = fault-free | "
-              "steps done | extra wall s | stopped with |")
-        print("|---|---|---|---|---|---|---|---|---|")
+        print("| fault | injections | groups lost | groups duplicated | skipped (reason) | scores missing | "
+              "weights = fault-free | steps done | extra wall s | stopped with |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
         for r in self.rows:
             print(self.format_row(r).replace("{extra}", "—" if r is self.rows[0] else f"{r['wall_s'] - base_wall:+.0f}"))
         (self.work / "fault_table.json").write_text(json.dumps(self.rows, indent=1, default=str))
