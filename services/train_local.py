@@ -18,6 +18,8 @@ def check_output_dir(out: Path, resume: Path | None, fail: Callable[[str], None]
 
 
 def run_local(cfg, resume: Path | None, fail: Callable[[str], None]) -> dict:
+    from safetensors import SafetensorError
+
     from drpo_core.training.checkpoint import CheckpointError
     from drpo_core.models.generator import ModelLoadError
     from drpo_core.training.trainer import DrpoTrainer, build_rewards
@@ -43,8 +45,8 @@ def run_local(cfg, resume: Path | None, fail: Callable[[str], None]) -> dict:
             result = trainer.run(on_step=on_step, resume=resume)
         except CheckpointError as e:
             fail(str(e))
-        except OSError as e:  # read-only or full run folder: the last checkpoint stands, --resume continues from it
-            fail(f"cannot write to the run folder {out}: {e}")
+        except (OSError, SafetensorError) as e:  # read-only or full run folder: the last checkpoint stands
+            fail(f"cannot write to the run folder {out}: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}")
     print_run_summary(console, trainer.step, out, result)
     return result
 
