@@ -129,7 +129,7 @@ class Bench:
 
             Controller(cfg, rt).run(on_step=on_step)
         except Exception as e:  # a fault the run cannot survive: recorded, and the table says so
-            error = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+            error = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
         finally:
             rt.shutdown()
             for m in mounts:
@@ -179,16 +179,19 @@ class Bench:
         cmd = [sys.executable, "-m", "services.cli", "train", "--config", str(out.parent / f"{name}.yaml")]
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        metrics, injections = out / "metrics.jsonl", 0
+        injections = 0
+        # killed right after the checkpoint of step ⌊S/2⌋ exists (before it, --resume has nothing to resume from)
+        written = out / "checkpoints" / f"step_{max(1, self.args.steps // 2)}" / "state.json"
         while proc.poll() is None:
-            if metrics.exists() and len(metrics.read_text().splitlines()) >= max(1, self.args.steps // 2):
+            if written.exists():
                 os.kill(proc.pid, signal.SIGKILL)
                 injections = 1
                 break
             time.sleep(0.05)
         proc.wait()
         resumed = subprocess.run([*cmd, "--resume", str(out)], cwd=ROOT, env=env, capture_output=True, text=True)
-        error = None if resumed.returncode == 0 else f"resume exited {resumed.returncode}: {resumed.stderr.strip().splitlines()[-1:]}"
+        said = [line for line in resumed.stderr.splitlines() if line.startswith("drpo: error")] or resumed.stderr.strip().splitlines()[-1:]
+        error = None if resumed.returncode == 0 else f"resume exited {resumed.returncode}: {said}"
         return self.measure("SIGKILL driver + --resume", out, time.perf_counter() - t0, injections, error)
 
     # -- what happened, from the run's outputs --------------------------------------------------------------
