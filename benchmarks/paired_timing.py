@@ -47,8 +47,12 @@ def timed_run(runtime: str, config: str, overrides: list[str], out: Path) -> flo
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
     env.pop("RAY_ADDRESS", None)  # ray: the embedded local cluster, as `make demo` runs it
     t0 = time.perf_counter()
-    subprocess.run(cmd, cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return time.perf_counter() - t0
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        said = [line for line in proc.stderr.splitlines() if line.startswith("drpo: error")] or proc.stderr.splitlines()[-3:]
+        raise SystemExit(f"{runtime} run failed (exit {proc.returncode}): {' / '.join(said)}")
+    return wall
 
 
 def main() -> None:
