@@ -1,7 +1,7 @@
 """Fault injection on a real local multi-node Ray cluster: does any fault lose or duplicate a prompt group?
 
 A ``ray.cluster_utils.Cluster`` (a head and one worker node that holds the generators and reward replicas)
-runs the tiny default for ``--steps`` synchronous steps (max_staleness 0, deterministic CPU mode), scoring
+runs the tiny model for ``--steps`` synchronous steps of a small job (B = 2, K = 6) (max_staleness 0, deterministic CPU mode), scoring
 through a real reward server on 127.0.0.1 (benchmarks/fault_server.py). A fault-free run gives the reference
 weights; then each fault runs in its own case, and finally all of them together at steps drawn from ``--seed``:
 
@@ -251,7 +251,7 @@ class Bench:
                 f"{r['steps']} | {{extra}} | {note} |")
 
     def print_table(self, base_wall: float) -> None:
-        print(f"\n{self.args.steps} steps × 2 prompt groups, tiny default, max_staleness 0; "
+        print(f"\n{self.args.steps} steps × 2 prompt groups of 6, tiny model, max_staleness 0; "
               f"fault-free wall {base_wall:.0f} s\n")
         print("| fault | injections | groups lost | groups duplicated | skipped (reason) | scores missing | "
               "weights = fault-free | steps done | extra wall s | stopped with |")
