@@ -1,9 +1,10 @@
 """Fault injection on a real local multi-node Ray cluster: does any fault lose or duplicate a prompt group?
 
 A ``ray.cluster_utils.Cluster`` (a head and one worker node that holds the generators and reward replicas)
-runs the tiny model for ``--steps`` synchronous steps of a small job (B = 2, K = 6) (max_staleness 0, deterministic CPU mode), scoring
-through a real reward server on 127.0.0.1 (benchmarks/fault_server.py). A fault-free run gives the reference
-weights; then each fault runs in its own case, and finally all of them together at steps drawn from ``--seed``:
+runs the tiny model for ``--steps`` synchronous steps of a small job (B = 2, K = 6; max_staleness 0,
+deterministic CPU mode), scoring through a real reward server on 127.0.0.1 (benchmarks/fault_server.py). A
+fault-free run gives the reference weights; then each fault runs in its own case, and finally all non-disk
+faults together at steps drawn from ``--seed``:
 
     generator / reward replica / learner killed (ray.kill), the worker node removed (a spare joins first),
     the reward server hanging past the deadline, answering 500 / 503 / garbage / too few scores / NaN,
