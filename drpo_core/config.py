@@ -352,7 +352,8 @@ class RuntimeConfig(Section):
     replica_restart_budget: int = Field(4, ge=0, description="replacements of permanently dead replicas, per pool")
     learner_restart_budget: int = Field(2, ge=0, description="learner recoveries from the last checkpoint per job")
     metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus /metrics port of the controller; 0 = off")
-    metrics_host: str = Field("0.0.0.0", description="interface of the /metrics server")
+    metrics_host: str = Field("127.0.0.1", description="interface of the /metrics server (0.0.0.0 in a cluster pod, "
+                              "where Prometheus scrapes it; loopback by default so a laptop run exposes nothing)")
 
 
 class DrpoConfig(Section):

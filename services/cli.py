@@ -70,6 +70,12 @@ def train(
 ) -> None:
     """Train with DrPO and write metrics, reward curve, sample grids and checkpoints."""
     cfg = load(config, set_, output_dir)
+    from services.rewards import check_reward_endpoints
+
+    try:
+        check_reward_endpoints(cfg)  # an unreachable reward server: one line now, not a run of NaN scores
+    except ValueError as e:
+        fail(str(e))
     if local:
         from services.train_local import run_local
 

@@ -24,8 +24,10 @@ from typing import Callable
 
 import ray
 from ray.exceptions import ObjectLostError, RayActorError, RayTaskError
+from safetensors import SafetensorError
 
 from drpo_core.config import DrpoConfig, dump_config
+from drpo_core.training.checkpoint import CheckpointError
 from drpo_core.training.prompts import PromptSampler, training_prompts
 from drpo_core.training.reporting import plot_reward_curve
 from drpo_core.training.tracking import RunTracker
@@ -176,6 +178,10 @@ class Controller:
         except RayTaskError as e:
             if isinstance(e.cause, LearnerRestartedError):
                 raise LearnerLostError(str(e.cause)) from None
+            if isinstance(e.cause, (OSError, SafetensorError)):  # read-only or full run folder (safetensors raises its
+                # own error for "no space left"): stop in one line; the last complete checkpoint stands
+                why = str(e.cause).strip().splitlines()[0] if str(e.cause).strip() else type(e.cause).__name__
+                raise CheckpointError(f"the learner cannot write to the run folder {self.output_dir}: {why}") from None
             raise
 
     # -- plumbing ---------------------------------------------------------------------------------

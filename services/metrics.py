@@ -148,7 +148,7 @@ class MetricsExporter:
                 self._totals[ident] = float(value)
         return unmapped
 
-    def serve(self, port: int, host: str = "0.0.0.0") -> int:
+    def serve(self, port: int, host: str = "127.0.0.1") -> int:
         self._server, _ = start_http_server(port, addr=host, registry=self.registry)
         return self._server.server_port
 

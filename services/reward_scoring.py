@@ -95,9 +95,12 @@ class ScoringCore:
             raise ScoreRequestError(f"{where} is {width}x{height} pixels; each side must be 1..{self.limits.max_side}",
                                     too_large=max(width, height) > self.limits.max_side)
         try:
-            return decode_png(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+            pixels = decode_png(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
         except RuntimeError as e:
             raise ScoreRequestError(f"{where} is not a valid PNG ({str(e).splitlines()[0][:80]})") from None
+        if pixels.dtype == torch.uint16:  # 16-bit PNG: scale 0..65535 to 0..255, or the reward sees values up to 257
+            pixels = ((pixels.to(torch.int32) * 255 + 32767) // 65535).to(torch.uint8)
+        return pixels
 
     def score(self, prompts: list[str], pngs: list[bytes], metadata: list | None) -> list[float | None]:
         self.check_counts(prompts, pngs, metadata)

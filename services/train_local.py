@@ -30,6 +30,8 @@ def check_output_dir(out: Path, resume: Path | None, fail: Callable[[str], None]
 
 
 def run_local(cfg, resume: Path | None, fail: Callable[[str], None]) -> dict:
+    from safetensors import SafetensorError
+
     from drpo_core.training.checkpoint import CheckpointError
     from drpo_core.models.generator import ModelLoadError
     from drpo_core.training.tracking import TrackerError
@@ -49,6 +51,8 @@ def run_local(cfg, resume: Path | None, fail: Callable[[str], None]) -> dict:
             result = trainer.run(on_step=progress.update, resume=resume)
         except (CheckpointError, TrackerError) as e:
             fail(str(e))
+        except (OSError, SafetensorError) as e:  # read-only or full run folder: the last checkpoint stands
+            fail(f"cannot write to the run folder {out}: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}")
     print_run_summary(console, trainer.step, out, result)
     return result
 

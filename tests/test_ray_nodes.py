@@ -3,14 +3,21 @@ every step still learns from exactly its B prompt groups.
 
 The generators and the reward replica start on one added worker node (the only one with "gen_node").
 After step 2 a spare node joins and the first is removed: running calls are re-issued, and groups of the
-coming step that were already made there lose their only copy and are made again from the same seeds."""
+coming step that were already made there lose their only copy and are made again from the same seeds.
+
+The second test makes that claim checkable: synchronous (max_staleness 0), the node dies after a step's
+groups were made and scored but before the learner read them, and the final weights must equal DrpoTrainer's
+with the same config (a group made again from other seeds, or with other weights, would change them)."""
 
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from drpo_core.config import load_config
 from drpo_core.training.reporting import read_metrics
+from drpo_core.training.trainer import DrpoTrainer
 
 ray = pytest.importorskip("ray")
 
@@ -63,3 +70,53 @@ def test_a_dead_worker_node_costs_no_prompt_group(ray_cluster, tmp_path):
     last = rows[-1]
     assert last["runtime/groups_regenerated"] >= 1  # their data died with the node: made again from the same seeds
     assert last["runtime/staleness_fallbacks"] >= 1 and max(r["lag/max"] for r in rows) >= 1
+
+
+SYNC = [c for c in CONFIG if not c.startswith(("runtime.max_staleness", "runtime.staleness_timeout_s", "trainer.steps"))]
+SYNC += ["runtime.max_staleness=0", "trainer.steps=2"]
+
+
+def test_groups_lost_with_a_node_are_made_again_from_the_same_seeds_and_weights(ray_cluster, tmp_path, monkeypatch):
+    cfg = load_config([], [*SYNC, f"output.dir={tmp_path / 'run'}"])
+    worker = ray_cluster.add_node(num_cpus=1, resources={"gen_node": 1}, object_store_memory=80 * MB)
+    nodes, removed = [worker], []
+    learn = Controller.learn
+
+    def node_dies_before_the_step_2_update(self, t, groups):
+        # step 2's groups exist only in the worker node's object store (made and scored there): remove the node
+        if t == 1 and not removed:
+            nodes.append(ray_cluster.add_node(num_cpus=1, resources={"gen_node": 1}, object_store_memory=80 * MB))
+            ray_cluster.wait_for_nodes()
+            ray_cluster.remove_node(worker, allow_graceful=False)
+            removed.append(worker)
+        return learn(self, t, groups)
+
+    monkeypatch.setattr(Controller, "learn", node_dies_before_the_step_2_update)
+    try:
+        ray_cluster.wait_for_nodes()
+        rt = RayRuntime.start(cfg, Path(cfg.output.dir))
+        try:
+            result = Controller(cfg, rt).run()
+        finally:
+            rt.shutdown()
+    finally:
+        for n in nodes:
+            if n not in removed:
+                ray_cluster.remove_node(n)
+    rows = read_metrics(Path(cfg.output.dir) / "metrics.jsonl")
+    assert removed and [r["step"] for r in rows] == [1, 2]
+    assert rows[-1]["runtime/groups_regenerated"] >= 1 and all(r["lag/groups"] == [0, 0] for r in rows)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the actors
+    try:
+        trainer = DrpoTrainer(load_config([], [*SYNC, f"output.dir={tmp_path / 'local'}"]))
+        local = [trainer.train_step() for _ in range(2)]
+    finally:
+        torch.set_num_threads(threads)
+    for row, want in zip(rows, local):
+        assert row["reward/mean"] == pytest.approx(want["reward/mean"], rel=1e-5), row["step"]
+    got = load_file(str(Path(result["checkpoint"]) / "trainable.safetensors"))
+    want = trainer.generator.trainable_state_dict()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-7, msg=k)

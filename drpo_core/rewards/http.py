@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import datetime
+import email.utils
 import json
 import logging
 import math
@@ -376,8 +378,17 @@ class HttpReward(RemoteReward):
 
 
 def _retry_after_s(response: httpx.Response) -> float | None:
-    value = response.headers.get("retry-after", "")
-    return float(value) if value.replace(".", "", 1).isdigit() else None
+    """Seconds the server asked us to wait (RFC 9110 §10.2.3: delay-seconds or an HTTP-date), None if absent/invalid."""
+    value = response.headers.get("retry-after", "").strip()
+    if value.replace(".", "", 1).isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        return None
+    return max(0.0, (when - datetime.datetime.now(datetime.timezone.utc)).total_seconds())
 
 
 def _detail(response: httpx.Response) -> str:

@@ -14,8 +14,12 @@ def _read_prompt_file(path: Path) -> list[tuple[str, dict | None]]:
     object is that prompt's metadata (GenEval's evaluation_metadata.jsonl format works as is)."""
     if not path.is_file():
         raise ValueError(f"prompts.file not found: {path}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"prompts.file {path} is not UTF-8 text (byte {e.start})") from None
     entries = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         if path.suffix == ".jsonl":
@@ -23,8 +27,8 @@ def _read_prompt_file(path: Path) -> list[tuple[str, dict | None]]:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"prompts.file {path} line {n}: not JSON ({e.msg})") from None
-            if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
-                raise ValueError(f"prompts.file {path} line {n}: expected an object with a string 'prompt'")
+            if not isinstance(record, dict) or not isinstance(record.get("prompt"), str) or not record["prompt"].strip():
+                raise ValueError(f"prompts.file {path} line {n}: expected an object with a non-empty string 'prompt'")
             entries.append((record["prompt"], record))
         else:
             entries.append((line.strip(), None))

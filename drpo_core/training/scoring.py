@@ -30,7 +30,12 @@ class RewardScorer:
             prompts = [g.prompt for g in todo for _ in range(g.size)]
             metadata = [g.metadata for g in todo for _ in range(g.size)]
             for label, (fn, _) in self.rewards.items():
-                raw = torch.as_tensor(fn(images, prompts, metadata), dtype=torch.float32).flatten().cpu()
+                answer = fn(images, prompts, metadata)
+                try:
+                    raw = torch.as_tensor(answer, dtype=torch.float32).flatten().cpu()
+                except (TypeError, ValueError, RuntimeError):
+                    raise ValueError(f"reward {label!r} returned {type(answer).__name__} {str(answer)[:60]!r}, not one "
+                                     "number per image") from None
                 if raw.shape[0] != images.shape[0]:
                     raise ValueError(f"reward {label!r} returned {raw.shape[0]} scores for {images.shape[0]} images")
                 for g, part in zip(todo, raw.split([g.size for g in todo])):
