@@ -101,6 +101,13 @@ def export(
         typer.echo(f"{what:11s} {path}")
 
 
+from services.cli_eval import eval_app  # noqa: E402
+from services.cli_toy import pretrain_toy_command  # noqa: E402
+
+app.command("pretrain-toy")(pretrain_toy_command)
+app.add_typer(eval_app, name="eval")
+
+
 def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # our own progress bar is the one to read

@@ -129,3 +129,14 @@ def test_geneval_reward_config_selects_the_toy_detector():
     assert reward.mode == "partial" and isinstance(reward.detector, ShapeDetector)
     with pytest.raises(ValueError, match="unknown option.*treshold"):
         build_reward(RewardConfig(kind="geneval", options={"detector": "toy-shapes", "treshold": 0.5}))
+
+
+def test_committed_prompt_files_are_the_split(tmp_path):
+    from pathlib import Path
+
+    from drpo_core.toyworld.prompts import write_metadata_jsonl
+
+    root = Path(__file__).resolve().parents[1] / "drpo_core" / "toyworld" / "prompt_sets"
+    for split in ("train", "heldout"):
+        fresh = write_metadata_jsonl(toy_prompts(split), tmp_path / f"{split}.jsonl").read_text()
+        assert (root / f"{split}.jsonl").read_text() == fresh
