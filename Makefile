@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 RUN_DIR ?= runs/demo-$(shell date +%Y%m%d-%H%M%S)
 
-.PHONY: demo test install sysdeps clean protos
+.PHONY: demo demo-hue test install sysdeps clean protos
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -27,7 +27,17 @@ install: $(STAMP) sysdeps
 sysdeps:
 	@command -v prometheus >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null; }
 
+# The shapes world: align the committed pretrained toy base with the GenEval reward, then score base and final
+# policy on held-out prompts × held-out seeds (GenEval per task) and print the paired, prompt-clustered gains.
+DEMO_SEEDS ?= 0-7
 demo: install
+	$(VENV)/bin/drpo train --config deploy/configs/toy.yaml --output-dir $(RUN_DIR)
+	$(VENV)/bin/drpo eval --config deploy/configs/toy.yaml --base --seeds $(DEMO_SEEDS) --output-dir $(RUN_DIR)/eval-base
+	$(VENV)/bin/drpo eval --config deploy/configs/toy.yaml --checkpoint $(RUN_DIR) --seeds $(DEMO_SEEDS) --output-dir $(RUN_DIR)/eval-final
+	$(VENV)/bin/drpo eval compare $(RUN_DIR)/eval-base/eval.json $(RUN_DIR)/eval-final/eval.json --json $(RUN_DIR)/compare.json
+
+# The previous default: a random-initialised tiny model and the hue-fraction reward.
+demo-hue: install
 	$(VENV)/bin/drpo train --config deploy/configs/tiny.yaml --output-dir $(RUN_DIR)
 
 test: install

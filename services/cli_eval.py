@@ -134,18 +134,20 @@ def write_eval(cfg, generator, reward_fns, prompt_list, seed_list, *, base, outp
     output_dir.mkdir(parents=True, exist_ok=True)
     texts = [p for p, _ in prompt_list]
     write_geneval_layout(output_dir / "samples", arrays["images"], texts, [m for _, m in prompt_list])
-    first = next(iter(arrays["tables"].values()))
+    # frames show a pass/fail reward when there is one (GenEval's rule), else the first reward's values
+    binary = [k for k, t in arrays["tables"].items() if bool(((t == 0) | (t == 1) | t.isnan()).all())]
+    shown = binary[0] if binary else next(iter(arrays["tables"]))
+    first = arrays["tables"][shown]
     rows, cols = slice(0, grid_prompts), slice(0, grid_seeds)
     name = "base" if base else "checkpoint"
-    captioned_grid(output_dir / "grid.png", texts[rows], [(f"{name} ({next(iter(arrays['tables']))})",
+    captioned_grid(output_dir / "grid.png", texts[rows], [(f"{name} ({shown})",
                                                             arrays["images"][rows, cols], first[rows, cols])])
     if not base:
         base_scores = None
         if any(m is not None for _, m in prompt_list):
             from drpo_core.training.eval_suite import score_cells
 
-            label = next(iter(reward_fns))
-            base_scores = score_cells(reward_fns[label], arrays["base_images"], texts, [m for _, m in prompt_list])
+            base_scores = score_cells(reward_fns[shown], arrays["base_images"], texts, [m for _, m in prompt_list])
         captioned_grid(output_dir / "before_after.png", texts[rows],
                        [("before (base)", arrays["base_images"][rows, cols], None if base_scores is None else base_scores[rows, cols]),
                         ("after (checkpoint)", arrays["images"][rows, cols], first[rows, cols])])
