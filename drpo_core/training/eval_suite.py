@@ -214,6 +214,8 @@ def format_compare(result: dict, name_a: str, name_b: str) -> str:
              "standard errors clustered by prompt", f"{'reward':24s} {'subset':14s} {'A':>8s} {'B':>8s} {'B−A':>8s} {'± se':>8s} {'z':>6s}"]
     for label, entry in result["rewards"].items():
         for subset, r in entry.items():
-            lines.append(f"{label:24s} {subset:14s} {r['base_mean']:8.4f} {r['policy_mean']:8.4f} {r['gain']:+8.4f} "
-                         f"{r['gain_se']:8.4f} {r['z']:6.1f}")
+            one_prompt = r["n_prompts"] < 2  # no between-prompt spread: no standard error
+            se = "     n/a" if one_prompt else f"{r['gain_se']:8.4f}"
+            z = "   n/a" if one_prompt else f"{r['z']:6.1f}"
+            lines.append(f"{label:24s} {subset:14s} {r['base_mean']:8.4f} {r['policy_mean']:8.4f} {r['gain']:+8.4f} {se} {z}")
     return "\n".join(lines)
