@@ -169,6 +169,8 @@ class PromptsConfig(Section):
     template: str = "a photo of a {color} {object}"
     file: str | None = Field(None, description="training prompts, one per line; or .jsonl with a 'prompt' key and per-prompt "
                              "metadata for the rewards (GenEval's format); overrides colors/objects")
+    eval_file: str | None = Field(None, description="held-out prompts for `drpo eval` (same formats as file); "
+                                  "default: the colours with eval_objects")
 
 
 class AlgoConfig(Section):

@@ -145,6 +145,11 @@ def quiet_libraries() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", module=r"(diffusers|transformers|peft|huggingface_hub)\b")
+from services.cli_eval import eval_app  # noqa: E402
+from services.cli_toy import pretrain_toy_command  # noqa: E402
+
+app.command("pretrain-toy")(pretrain_toy_command)
+app.add_typer(eval_app, name="eval")
 
 
 def main() -> None:

@@ -48,12 +48,15 @@ def resolve_device(name: str) -> torch.device:
 
 
 def resolve_model_path(path: str, revision: str | None = None) -> str:
-    """'tiny' / 'tiny-sdxl' → the embedded random models (built on first use); a local folder must exist;
+    """'tiny' / 'tiny-sdxl' → the embedded random models (built on first use); 'toy' → the committed shapes-world
+    base; a local folder must exist;
     a hub id → its snapshot in the Hugging Face cache at ``revision`` (drpo_core/models/hub.py)."""
     if path == "tiny":
         return str(tiny_sd_turbo_path())
     if path == "tiny-sdxl":
         return str(tiny_sdxl_path())
+    if path == "toy":  # the committed pretrained base of the shapes world (drpo_core/toyworld/base_model)
+        return str(Path(__file__).resolve().parents[1] / "toyworld" / "base_model")
     local = Path(path).expanduser()
     if local.exists():
         if not (local / "model_index.json").is_file() and not (local / "unet").is_dir():

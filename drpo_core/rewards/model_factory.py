@@ -4,7 +4,8 @@
 (drpo_core/models/hub.py, with ``revision``); ``options`` are the reward class's keyword arguments
 (checked against its signature before any weights load, so a typo is one ValueError line).
 For geneval, ``options.detector_path`` (or ``path``) is the OWL-ViT/OWLv2 folder and
-``options.color_classifier_path`` the CLIP folder of the colour classifier.
+``options.color_classifier_path`` the CLIP folder of the colour classifier; ``options.detector: toy-shapes``
+instead selects the shapes world's classical detector and palette colour classifier (no weights).
 """
 
 from __future__ import annotations
@@ -38,6 +39,11 @@ def build_model_reward(cfg: RewardConfig):
     for key in ("processor_path", "color_classifier_path", "color_processor_path"):  # companion folders: local or hub ids too
         if options.get(key):
             options[key] = _resolve(cfg, options[key], f"options.{key}", "dir")
+    if cfg.kind == "geneval" and options.get("detector") == "toy-shapes":
+        from drpo_core.toyworld.detector import toy_geneval_reward
+
+        options.pop("detector")
+        return _checked(cfg, toy_geneval_reward, **options)
     if cfg.kind == "geneval":
         from drpo_core.rewards.geneval import build_geneval_reward
 

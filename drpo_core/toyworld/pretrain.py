@@ -1,0 +1,286 @@
+"""Pretrain the tiny one-step base generator of the shapes world (`drpo pretrain-toy`).
+
+Two stages, both on renders drawn fresh from the world every step (no dataset on disk):
+
+1. **Autoencoder** — diffusers ``AutoencoderKL`` (channels 32/64/64, ×4 down, 4 latent channels):
+   L1 + MSE reconstruction + a tiny KL; its ``scaling_factor`` is then set to 1 / std of the latents.
+2. **Generator** — ``UNet2DConditionModel`` (channels 32/64, cross-attention) and a tiny
+   ``CLIPTextModel`` trained jointly as a one-step generator ``x = G(ε, c)`` exactly as
+   :class:`drpo_core.models.generator.OneStepGenerator` runs it (t = 999, v-prediction conversion), with
+   the Drifting Models objective (arXiv 2602.04770) and the project's drift field: per prompt, the K
+   generated latents are drifted toward K fresh renders of that prompt (encoded, positives) and away
+   from themselves (the generated batch as negatives, self-masked), in a frozen feature space φ:
+
+       L = mean_prompts Σ_keys drift_loss(φ_key(G(ε, c)), φ_key(E(render(c))), ∅)
+
+   φ (:class:`ToyFeatures`): the raw latent, its 2×2-pooled map, and a frozen random conv net on the
+   latent (3×3 conv 4→32, ReLU; stride-2 3×3 conv 32→64, ReLU) summarised by per-channel mean, std and
+   2×2-pooled mean/std maps — 10 point sets. Translation-invariant statistics are what let the field
+   match objects whose positions are random (raw-latent distances alone mostly measure position).
+
+The result is a stock ``StableDiffusionPipeline`` folder (safetensors, fp16 weights, the project's
+offline CLIP tokenizer, an Euler "trailing" v-prediction scheduler) that ``model.path`` loads.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from drpo_core.algorithms.drift import drift_loss
+from drpo_core.toyworld.prompts import ToyPrompt, pretraining_sampler, toy_prompts
+from drpo_core.toyworld.world import SIZE, render
+
+TIMESTEP = 999
+
+
+@dataclass
+class PretrainSettings:
+    """Knobs of :func:`pretrain_toy` (defaults: the committed base)."""
+
+    steps: int = 6000  # generator steps (stage 2)
+    vae_steps: int = 500  # autoencoder steps (stage 1)
+    vae_batch: int = 32
+    vae_lr: float = 1e-3
+    prompts_per_step: int = 8
+    samples_per_prompt: int = 16  # K generated and K rendered per prompt
+    pool_per_prompt: int = 96  # renders per training prompt, encoded once; positives are drawn from them
+    lr: float = 5e-4
+    grad_clip: float = 1.0
+    radii: tuple[float, ...] = (0.02, 0.05, 0.2)
+    seed: int = 0
+    max_minutes: float = 0.0  # stop stage 2 early after this wall time (0 = no limit)
+    log_every: int = 50
+    checkpoint_every: int = 0  # also save the pipeline every N steps (0 = only at the end)
+
+
+def build_toy_models(seed: int = 0):
+    """Untrained (unet, vae, text_encoder, tokenizer, scheduler) of the toy base architecture."""
+    import tempfile
+
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from drpo_core.models.tiny_models import write_clip_tokenizer
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(
+            sample_size=SIZE // 4, in_channels=4, out_channels=4, layers_per_block=1,
+            block_out_channels=(32, 64), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=64,
+            attention_head_dim=8, norm_num_groups=8,
+        )
+        vae = AutoencoderKL(
+            in_channels=3, out_channels=3, latent_channels=4, sample_size=SIZE, layers_per_block=1,
+            block_out_channels=(32, 64, 64), down_block_types=("DownEncoderBlock2D",) * 3,
+            up_block_types=("UpDecoderBlock2D",) * 3, norm_num_groups=8,
+        )
+        text_encoder = CLIPTextModel(CLIPTextConfig(
+            hidden_size=64, intermediate_size=128, num_attention_heads=4, num_hidden_layers=2,
+            vocab_size=49408, max_position_embeddings=77, projection_dim=64,
+            bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
+        ))
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+        prediction_type="v_prediction", timestep_spacing="trailing", steps_offset=1,
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = CLIPTokenizer.from_pretrained(write_clip_tokenizer(Path(tmp)))
+    return unet, vae, text_encoder, tokenizer, scheduler
+
+
+class ToyFeatures(nn.Module):
+    """Frozen φ over latents `[N, 4, 8, 8]` → ``{key: [N, D_key]}`` (10 keys, see the module docstring)."""
+
+    def __init__(self, seed: int = 0, in_channels: int = 4):
+        super().__init__()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.conv1 = nn.Conv2d(in_channels, 32, 3, 1, 1)
+            self.conv2 = nn.Conv2d(32, 64, 3, 2, 1)
+        self.requires_grad_(False).eval()
+
+    @staticmethod
+    def _stats(h: torch.Tensor, name: str) -> dict[str, torch.Tensor]:
+        mean = F.adaptive_avg_pool2d(h, 2)
+        var = (F.adaptive_avg_pool2d(h * h, 2) - mean * mean).clamp_min(0)
+        return {f"{name}_mean": h.mean((2, 3)), f"{name}_std": (h.var((2, 3), unbiased=False) + 1e-6).sqrt(),
+                f"{name}_mean_2x2": mean.flatten(1), f"{name}_std_2x2": (var + 1e-6).sqrt().flatten(1)}
+
+    def forward(self, latents: torch.Tensor) -> dict[str, torch.Tensor]:
+        h1 = F.relu(self.conv1(latents.float()))
+        h2 = F.relu(self.conv2(h1))
+        return {"latent": latents.flatten(1), "latent_2x2": F.adaptive_avg_pool2d(latents, 2).flatten(1),
+                **self._stats(h1, "conv1"), **self._stats(h2, "conv2")}
+
+
+def render_batch(prompts: list[ToyPrompt], seeds: list[int]) -> torch.Tensor:
+    """Renders `[N, 3, 32, 32]` in [0, 1] of (prompt, seed) pairs."""
+    return torch.stack([render(p.scene(s)) for p, s in zip(prompts, seeds)])
+
+
+class ToyOneStep:
+    """G(ε, c) on the toy models, the same arithmetic as :class:`OneStepGenerator` (t = 999, v-prediction)."""
+
+    def __init__(self, unet, text_encoder, tokenizer, scheduler):
+        self.unet, self.text_encoder, self.tokenizer = unet, text_encoder, tokenizer
+        alpha_bar = scheduler.alphas_cumprod[TIMESTEP].item()
+        self.a, self.b = alpha_bar**0.5, (1 - alpha_bar) ** 0.5
+
+    def encode(self, texts: list[str]) -> torch.Tensor:
+        from drpo_core.models.generator import tokenize_prompts
+
+        return self.text_encoder(tokenize_prompts(self.tokenizer, texts).input_ids)[0]
+
+    def __call__(self, noise: torch.Tensor, text_hidden: torch.Tensor) -> torch.Tensor:
+        x_t = self.b * noise
+        t = torch.full((noise.shape[0],), TIMESTEP, dtype=torch.long)
+        v = self.unet(x_t, t, encoder_hidden_states=text_hidden).sample
+        return self.a * x_t - self.b * v
+
+
+def train_autoencoder(vae, s: PretrainSettings, log: Callable[[dict], None]) -> float:
+    """Stage 1; returns the latent scaling factor (1 / std of the posterior means)."""
+    draw = pretraining_sampler(s.seed + 1)
+    opt = torch.optim.AdamW(vae.parameters(), lr=s.vae_lr)
+    vae.train()
+    start, seed = time.time(), 10**6
+    for step in range(1, s.vae_steps + 1):
+        x = render_batch(draw(s.vae_batch), list(range(seed, seed + s.vae_batch))) * 2 - 1
+        seed += s.vae_batch
+        posterior = vae.encode(x).latent_dist
+        recon = vae.decode(posterior.sample()).sample
+        kl = posterior.kl().mean() / x[0].numel()
+        loss = F.l1_loss(recon, x) + F.mse_loss(recon, x) + 1e-4 * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % s.log_every == 0 or step == s.vae_steps:
+            log({"stage": "vae", "step": step, "loss": round(loss.item(), 4), "l1": round(F.l1_loss(recon, x).item(), 4),
+                 "seconds": round(time.time() - start, 1)})
+    vae.eval()
+    with torch.no_grad():
+        x = render_batch(draw(256), list(range(seed, seed + 256))) * 2 - 1
+        std = float(vae.encode(x).latent_dist.mean.std())
+    return 1.0 / max(std, 1e-3)
+
+
+class PositivePool:
+    """``per_prompt`` renders of every prompt (seeds 0…per_prompt−1), VAE-encoded once: the encoder pass
+    over fresh renders cost as much as the UNet forward per step, and the world's scene distribution is
+    well covered by ~100 random layouts per prompt."""
+
+    def __init__(self, prompts, per_prompt: int, vae, batch: int = 128):
+        self.index = {p.text: i for i, p in enumerate(prompts)}
+        pairs = [(p, s) for p in prompts for s in range(per_prompt)]
+        latents = []
+        with torch.no_grad():
+            for i in range(0, len(pairs), batch):
+                chunk = pairs[i:i + batch]
+                images = render_batch([p for p, _ in chunk], [s for _, s in chunk])
+                latents.append(vae.encode(images * 2 - 1).latent_dist.mean * vae.config.scaling_factor)
+        self.latents = torch.cat(latents).reshape(len(prompts), per_prompt, *latents[0].shape[1:])
+
+    def draw(self, prompts: list[ToyPrompt], k: int, gen: torch.Generator) -> torch.Tensor:
+        """`[B·K, 4, h, w]`: k distinct pooled latents of each prompt."""
+        rows = [self.latents[self.index[p.text]][torch.randperm(self.latents.shape[1], generator=gen)[:k]] for p in prompts]
+        return torch.cat(rows)
+
+
+def generator_loss(gen: ToyOneStep, features: ToyFeatures, pool: PositivePool, prompts: list[ToyPrompt], k: int,
+                   radii, noise_gen: torch.Generator) -> tuple[torch.Tensor, dict]:
+    """Drifting loss of one step (mean over prompts of the per-key drift losses)."""
+    texts = [p.text for p in prompts]
+    hidden = gen.encode(texts)  # [B, 77, E]
+    noise = torch.randn((len(prompts) * k, 4, SIZE // 4, SIZE // 4), generator=noise_gen)
+    x = gen(noise, hidden.repeat_interleave(k, dim=0))  # [B·K, 4, 8, 8]
+    with torch.no_grad():
+        pos_feats = features(pool.draw(prompts, k, noise_gen))
+    feats = features(x)
+    loss, stats = x.new_zeros(()), {"drift_norm": 0.0}
+    for key, f in feats.items():
+        no_negatives = f.new_zeros((0, f.shape[1]))  # the generated batch itself is the negative block
+        for i in range(len(prompts)):
+            rows = slice(i * k, (i + 1) * k)
+            part, st = drift_loss(f[rows], pos_feats[key][rows], no_negatives,
+                                  pos_weight=1.0, neg_weight=1.0, self_weight=1.0, radii=tuple(radii))
+            loss = loss + part / len(prompts)
+            stats["drift_norm"] += st["drift_norm"] / len(prompts)
+    return loss, stats
+
+
+def save_pipeline(folder: Path, unet, vae, text_encoder, tokenizer, scheduler, dtype=torch.float16) -> Path:
+    """A stock StableDiffusionPipeline folder (safetensors), weights stored in ``dtype``."""
+    import copy
+
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(
+        vae=copy.deepcopy(vae).to(dtype), text_encoder=copy.deepcopy(text_encoder).to(dtype), tokenizer=tokenizer,
+        unet=copy.deepcopy(unet).to(dtype), scheduler=scheduler, safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def pretrain_toy(output: str | Path, settings: PretrainSettings = PretrainSettings(),
+                 log: Callable[[dict], None] = print) -> dict:
+    """Train the toy base and save it to ``output``; returns a summary (steps, seconds, settings)."""
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    s = settings
+    torch.manual_seed(s.seed)
+    unet, vae, text_encoder, tokenizer, scheduler = build_toy_models(s.seed)
+    t0 = time.time()
+    vae.register_to_config(scaling_factor=train_autoencoder(vae, s, log))
+    vae.requires_grad_(False)
+    vae_seconds = time.time() - t0
+
+    gen = ToyOneStep(unet, text_encoder, tokenizer, scheduler)
+    features = ToyFeatures(s.seed)
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=s.lr)
+    draw = pretraining_sampler(s.seed)
+    pool = PositivePool(toy_prompts("train"), s.pool_per_prompt, vae)
+    log({"stage": "pool", "renders": int(pool.latents.shape[0] * pool.latents.shape[1]), "seconds": round(time.time() - t0 - vae_seconds, 1)})
+    noise_gen = torch.Generator().manual_seed(s.seed)
+    unet.train(), text_encoder.train()
+    t1, steps_done = time.time(), 0
+    for step in range(1, s.steps + 1):
+        prompts = draw(s.prompts_per_step)
+        loss, stats = generator_loss(gen, features, pool, prompts, s.samples_per_prompt, s.radii, noise_gen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, s.grad_clip)
+        opt.step()
+        steps_done = step
+        elapsed = time.time() - t1
+        if step % s.log_every == 0 or step == s.steps:
+            log({"stage": "generator", "step": step, "loss": round(loss.item(), 4),
+                 "drift_norm": round(stats["drift_norm"], 4), "grad_norm": round(float(grad_norm), 3),
+                 "seconds": round(elapsed, 1)})
+        if s.checkpoint_every and step % s.checkpoint_every == 0:
+            save_pipeline(output / "checkpoints" / f"step-{step:06d}", unet, vae, text_encoder, tokenizer, scheduler)
+        if s.max_minutes and elapsed > s.max_minutes * 60:
+            log({"stage": "generator", "stopped": "max_minutes", "step": step})
+            break
+    unet.eval(), text_encoder.eval()
+    save_pipeline(output, unet, vae, text_encoder, tokenizer, scheduler)
+    summary = {"generator_steps": steps_done, "vae_steps": s.vae_steps, "vae_seconds": round(vae_seconds, 1),
+               "generator_seconds": round(time.time() - t1, 1), "scaling_factor": vae.config.scaling_factor,
+               "unet_parameters": sum(p.numel() for p in unet.parameters()),
+               "vae_parameters": sum(p.numel() for p in vae.parameters()),
+               "text_encoder_parameters": sum(p.numel() for p in text_encoder.parameters()),
+               "settings": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(s).items()}}
+    (output / "pretrain_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary

@@ -1,0 +1,39 @@
+"""`drpo pretrain-toy`: train the shapes world's tiny one-step base generator (drpo_core.toyworld.pretrain)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+
+def pretrain_toy_command(
+    output: Path = typer.Option(..., "--output", "-o", help="folder for the diffusers pipeline (created; must be empty or new)"),
+    steps: int = typer.Option(20000, "--steps", min=1, help="generator steps (stage 2)"),
+    vae_steps: int = typer.Option(500, "--vae-steps", min=1, help="autoencoder steps (stage 1)"),
+    max_minutes: float = typer.Option(0.0, "--max-minutes", min=0.0, help="stop stage 2 after this wall time (0 = no limit)"),
+    pool_per_prompt: int = typer.Option(96, "--pool-per-prompt", min=1, help="encoded renders per training prompt"),
+    checkpoint_every: int = typer.Option(0, "--checkpoint-every", min=0, help="also save OUTPUT/checkpoints/step-N every N steps"),
+    seed: int = typer.Option(0, "--seed"),
+    log_every: int = typer.Option(50, "--log-every", min=1),
+) -> None:
+    """Pretrain the toy base (autoencoder, then UNet + text encoder with the Drifting objective)."""
+    from services.cli import fail
+    from drpo_core.toyworld.pretrain import PretrainSettings, pretrain_toy
+
+    if output.exists() and (not output.is_dir() or any(output.iterdir())):
+        fail(f"--output {output} exists and is not an empty folder; choose a new one (nothing is overwritten)")
+    settings = PretrainSettings(steps=steps, vae_steps=vae_steps, max_minutes=max_minutes, seed=seed,
+                                pool_per_prompt=pool_per_prompt, checkpoint_every=checkpoint_every, log_every=log_every)
+    output.mkdir(parents=True, exist_ok=True)
+    log_file = (output / "pretrain_log.jsonl").open("a")
+
+    def log(record: dict) -> None:
+        line = json.dumps(record)
+        typer.echo(line)
+        log_file.write(line + "\n")
+        log_file.flush()
+
+    summary = pretrain_toy(output, settings, log=log)
+    typer.echo(f"saved {output} ({summary['generator_steps']} generator steps, {summary['generator_seconds']} s)")
