@@ -11,7 +11,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
+
+from drpo_core.sections import Section as _Section
 
 AlgoKind = Literal["drpo", "drpo-awr", "drpo-awr-topk", "drpo-awr-hard", "drpo-awr-advsign", "draft", "dpo", "grpo", "raft"]
 # kinds whose objective is a drift regression in feature space (they use the feature encoder φ)
@@ -20,8 +22,6 @@ DRIFT_KINDS = ("drpo", "drpo-awr", "drpo-awr-topk", "drpo-awr-hard", "drpo-awr-a
 DIFFERENTIABLE_REWARD_KINDS = ("soft_hue",)
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class DraftOptions(_Section):

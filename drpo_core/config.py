@@ -11,15 +11,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
+from drpo_core.sections import Section
+from drpo_core.runtime_config import GeneratorRoleConfig, LearnerRoleConfig, RewardRoleConfig, RoleConfig, RuntimeConfig  # noqa: F401 (re-exported)
 from drpo_core.overrides import ConfigError, _apply_override, _merge, parse_yaml  # noqa: F401 (re-exported)
 from drpo_core.algorithm_options import (DIFFERENTIABLE_REWARD_KINDS, AlgoKind, AwrOptions, DpoOptions, DraftOptions,
                                          GrpoOptions, OfflineAnchorsOptions, RaftOptions)
-
-
-class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class ModelConfig(Section):
@@ -278,84 +276,6 @@ class OutputConfig(Section):
         if not v.strip():
             raise ValueError("must name a folder (got an empty string)")
         return v
-
-
-class RoleConfig(Section):
-    """Resources and fault budget of one role of the distributed runtime (one Ray actor per replica)."""
-
-    replicas: int = Field(1, ge=1)
-    num_cpus: float = Field(0.5, ge=0, description="logical CPUs per replica; fractions let roles share a small machine")
-    num_gpus: float = Field(0.0, ge=0, description="GPUs per replica; fractions co-locate roles on one GPU")
-    resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources per replica, e.g. {reward_gpu: 1}")
-    scheduling: Literal["DEFAULT", "SPREAD"] = Field("DEFAULT", description="Ray scheduling strategy when runtime.placement is 'none'")
-    max_restarts: int = Field(3, ge=-1, description="Ray restarts of a dead replica (-1 = unlimited)")
-    max_task_retries: int = Field(0, ge=-1, description="Ray retries of a call on a restarted replica (only for idempotent calls)")
-    max_in_flight: int = Field(2, ge=1, description="requests queued or running per replica")
-    runtime_env: dict[str, Any] | None = Field(None, description="Ray runtime_env of this role's actors (pip, env_vars, container...)")
-
-
-class GeneratorRoleConfig(RoleConfig):
-    """Generator replicas: sample K candidates per prompt group with the newest published weights."""
-
-    batch_groups: int = Field(1, ge=1, description="prompt groups of one step per generate call (one batched forward "
-                              "of up to batch_groups·K candidates); 1 = one group per call")
-
-
-class RewardRoleConfig(RoleConfig):
-    """Reward-server replicas: scoring is idempotent, so a call may be retried on a restarted replica."""
-
-    num_cpus: float = Field(0.25, ge=0)
-    max_task_retries: int = Field(1, ge=-1)
-
-
-class LearnerRoleConfig(RoleConfig):
-    """The learner; a restart resumes from the last checkpoint (an update is never retried).
-
-    ``replicas: N > 1`` is a data-parallel learner: N workers in one torch.distributed process group (NCCL on
-    GPU, gloo on CPU), each computing the loss of its share of the step's prompt groups, gradients all-reduced;
-    rank 0 publishes weights and writes checkpoints. ``num_gpus`` etc. are per worker.
-    """
-
-    replicas: int = Field(1, ge=1, description="data-parallel learner workers (gradients all-reduced)")
-    num_cpus: float = Field(1.0, ge=0)
-    max_restarts: int = Field(2, ge=-1, description="Ray restarts of a lost learner (one worker); with replicas > 1 the "
-                              "controller replaces the whole worker group instead")
-
-    @field_validator("max_task_retries")
-    @classmethod
-    def _no_update_retries(cls, v: int) -> int:
-        if v != 0:
-            raise ValueError("an update is not idempotent (it steps the optimizer); max_task_retries must be 0")
-        return v
-
-
-class RuntimeConfig(Section):
-    """The Ray actor–learner runtime (``drpo train`` without ``--local``); see docs/ray.md."""
-
-    address: str | None = Field(None, description="Ray address; None: RAY_ADDRESS (inside a job) or an embedded local cluster")
-    local_num_cpus: int = Field(2, ge=1, description="CPUs of the embedded local cluster started when no address is known")
-    placement: Literal["none", "PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
-        "none", description="reserve all replicas in one placement group with this strategy; 'none' schedules per role")
-    generator: GeneratorRoleConfig = GeneratorRoleConfig()
-    reward: RewardRoleConfig = RewardRoleConfig()
-    learner: LearnerRoleConfig = LearnerRoleConfig()
-    max_staleness: int = Field(1, ge=0, description="max policy versions between the sampling and the learning weights (0 = synchronous)")
-    staleness_timeout_s: float = Field(60.0, gt=0, description="wait this long for fresh weights, then sample with older ones")
-    request_timeout_s: float = Field(300.0, gt=0, description="a generate/score call older than this is re-issued to another replica")
-    hedge_quantile: float | None = Field(0.95, gt=0, le=1, description="re-issue a call sooner: at hedge_factor × this "
-                                         "quantile of the method's recent latencies (null: only at request_timeout_s)")
-    hedge_factor: float = Field(2.0, ge=1)
-    hedge_min_samples: int = Field(20, ge=1, description="finished calls of a method before its quantile is trusted")
-    hedge_floor_s: float = Field(5.0, ge=0, description="never hedge a call younger than this")
-    update_timeout_s: float = Field(1800.0, gt=0, description="a learner update older than this counts as a hung learner")
-    start_timeout_s: float = Field(300.0, gt=0, description="actors and placement groups must be up within this time")
-    health_check_interval_s: float = Field(10.0, gt=0)
-    max_attempts: int = Field(3, ge=1, description="tries per generate/score request before giving up on it")
-    replica_restart_budget: int = Field(4, ge=0, description="replacements of permanently dead replicas, per pool")
-    learner_restart_budget: int = Field(2, ge=0, description="learner recoveries from the last checkpoint per job")
-    metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus /metrics port of the controller; 0 = off")
-    metrics_host: str = Field("127.0.0.1", description="interface of the /metrics server (0.0.0.0 in a cluster pod, "
-                              "where Prometheus scrapes it; loopback by default so a laptop run exposes nothing)")
 
 
 class DrpoConfig(Section):

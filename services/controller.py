@@ -29,7 +29,7 @@ from safetensors import SafetensorError
 from drpo_core.config import DrpoConfig, dump_config
 from drpo_core.training.checkpoint import CheckpointError
 from drpo_core.training.prompts import PromptSampler, training_prompts
-from drpo_core.training.reporting import plot_reward_curve
+from drpo_core.training.reporting import MetricsWriter, plot_reward_curve
 from drpo_core.training.tracking import RunTracker
 from drpo_core.training.trainer import group_stats
 from services.actors import LearnerRestartedError, running_stats

@@ -2,15 +2,12 @@
 the preset's hub ids, and every repository file and command option the walkthrough names."""
 
 import hashlib
-import json
 import re
 import shlex
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-import torch
 
 from drpo_core.config import load_config
 from drpo_core.training.prompts import prompt_metadata, training_prompts

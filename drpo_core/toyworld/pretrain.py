@@ -25,7 +25,6 @@ offline CLIP tokenizer, an Euler "trailing" v-prediction scheduler) that ``model
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path

@@ -19,7 +19,6 @@ official evaluator can score them too.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from pathlib import Path
