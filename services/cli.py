@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -36,11 +37,11 @@ def fail(message: str) -> None:
     raise typer.Exit(USER_ERROR)
 
 
-def load(config: list[Path], overrides: list[str], output_dir: Optional[Path] = None):
+def load(config: list[Path], overrides: list[str], output_dir: Optional[str] = None):
     from drpo_core.config import ConfigError, load_config
 
     if output_dir is not None:
-        overrides = [*overrides, f"output.dir={output_dir}"]
+        overrides = [*overrides, f"output.dir={json.dumps(output_dir)}"]  # quoted: '123' or 'no' stay folder names
     try:
         return load_config(config, overrides)
     except ConfigError as e:
@@ -63,7 +64,7 @@ def print_config(config: list[Path] = ConfigOpt, set_: list[str] = SetOpt) -> No
 def train(
     config: list[Path] = ConfigOpt,
     set_: list[str] = SetOpt,
-    output_dir: Optional[Path] = typer.Option(None, "--output-dir", "-o", help="run folder (default: output.dir)"),
+    output_dir: Optional[str] = typer.Option(None, "--output-dir", "-o", help="run folder (default: output.dir)"),
     local: bool = typer.Option(False, "--local", help="run every worker in this process (no Ray)"),
     resume: Optional[Path] = typer.Option(None, "--resume", help="run folder or checkpoint folder to continue from; "
                                           "'auto': the output dir's newest checkpoint, or a fresh start if it has none"),

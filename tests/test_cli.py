@@ -70,3 +70,10 @@ def test_print_config_resolves_layers(tmp_path):
     proc = drpo("print-config", "--config", "deploy/configs/tiny.yaml", "--config", str(extra), "--set", "algo.num_anchors=3")
     assert proc.returncode == 0
     assert "num_candidates: 12" in proc.stdout and "num_anchors: 3" in proc.stdout
+
+
+def test_empty_output_dir_on_the_command_line_is_refused_and_numeric_names_are_folders(tmp_path):
+    proc = drpo("train", "--local", "--config", "deploy/configs/tiny.yaml", "-o", "")
+    assert proc.returncode == 2 and "output.dir: must name a folder" in proc.stderr, proc.stderr
+    shown = drpo("print-config", "--config", "deploy/configs/tiny.yaml", "--set", 'output.dir="123"')
+    assert shown.returncode == 0 and "dir: '123'" in shown.stdout, shown.stdout + shown.stderr
