@@ -55,12 +55,12 @@ CONFIG_CASES = [
     # impossible combinations
     ("2M > K", {}, ["algo.num_candidates=6", "algo.num_anchors=4"], "2*num_anchors (2M=8) exceeds num_candidates (K=6)"),
     ("K = 1", {}, ["algo.num_candidates=1"], "K must be >= 2"),
-    ("two learners", {}, ["runtime.learner.replicas=2"], "exactly one replica"),
+    ("no learner", {}, ["runtime.learner.replicas=0"], "runtime.learner.replicas"),
     ("retried updates", {}, ["runtime.learner.max_task_retries=1"], "not idempotent"),
     ("remote reward without url", {}, ["rewards=[{kind: http}]"], "reward kind 'http' needs 'url'"),
     ("flow_grpo without opt-in", {}, ["rewards=[{kind: flow_grpo, url: 'http://127.0.0.1:1'}]"], "allow_unsafe_pickle"),
     ("same reward twice", {}, ["rewards=[{kind: hue_fraction}, {kind: hue_fraction}]"], "reward names must be unique"),
-    ("checkpoint for a ViT encoder", {}, ["features.kind=dinov2", "features.checkpoint=x.safetensors"], "is for kind latent_resnet"),
+    ("checkpoint for a ViT encoder", {}, ["features.kind=dinov2", "features.checkpoint=x.safetensors"], "is for kinds latent_resnet / latent_mae"),
     # malformed overrides
     ("override without =", {}, ["algo.num_candidates"], "expected key.path=value"),
     ("empty key", {}, ["algo..kernel=rbf"], "empty key"),
