@@ -33,7 +33,12 @@ Yaml12Loader.add_implicit_resolver(
 
 
 def parse_yaml(text: str):
-    return yaml.load(text, Loader=Yaml12Loader)
+    """One YAML document with YAML 1.2 scalars, through a SafeLoader (no object construction)."""
+    loader = Yaml12Loader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
 
 
 def _merge(base: dict, override: dict) -> dict:
