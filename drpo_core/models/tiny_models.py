@@ -69,40 +69,53 @@ def write_clip_tokenizer(folder: Path, pad_token: str = "<|endoftext|>") -> Path
     return folder
 
 
-def build_tiny_sd_turbo(folder: Path, seed: int = 0) -> Path:
-    """Save a tiny SD-Turbo-architecture pipeline folder (model_index.json layout) into ``folder``.
+def sd_turbo_family_components(seed: int, image_size: int, vae_channels: tuple[int, int, int], text_width: int,
+                               prediction_type: str):
+    """Untrained (unet, vae, text_encoder, scheduler) of a tiny SD-Turbo-family pipeline, seeded.
 
-    UNet2DConditionModel (channels 32/64, cross-attention dim 32), AutoencoderKL with three blocks
-    (4× spatial compression: 32 px images ↔ 4×8×8 latents), a CLIPTextModel with
-    hidden size 32, the offline CLIP tokenizer and SD-Turbo's EulerDiscreteScheduler settings.
+    UNet2DConditionModel (channels 32/64, cross-attention at the low resolution, cross-attention dim =
+    ``text_width``), AutoencoderKL with three blocks (4× spatial compression: ``image_size`` px ↔
+    4×(image_size/4)² latents), a 2-layer CLIPTextModel of hidden size ``text_width``, and SD-Turbo's
+    EulerDiscreteScheduler settings (scaled-linear betas, trailing spacing: one step at t=999).
     """
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         unet = UNet2DConditionModel(
-            sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+            sample_size=image_size // 4, in_channels=4, out_channels=4, layers_per_block=1,
             block_out_channels=(32, 64), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=text_width,
             attention_head_dim=8, norm_num_groups=8,
         )
         vae = AutoencoderKL(
-            in_channels=3, out_channels=3, latent_channels=4, sample_size=32, layers_per_block=1,
-            block_out_channels=(16, 32, 32),
+            in_channels=3, out_channels=3, latent_channels=4, sample_size=image_size, layers_per_block=1,
+            block_out_channels=vae_channels,
             down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
             norm_num_groups=8,
         )
         text_encoder = CLIPTextModel(CLIPTextConfig(
-            hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2,
-            vocab_size=49408, max_position_embeddings=77, projection_dim=32,
+            hidden_size=text_width, intermediate_size=2 * text_width, num_attention_heads=4, num_hidden_layers=2,
+            vocab_size=49408, max_position_embeddings=77, projection_dim=text_width,
             bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
         ))
-    # SD-Turbo's scheduler: scaled-linear betas, epsilon prediction, trailing spacing (one step at t=999)
     scheduler = EulerDiscreteScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
-        prediction_type="epsilon", timestep_spacing="trailing", steps_offset=1,
+        prediction_type=prediction_type, timestep_spacing="trailing", steps_offset=1,
     )
+    return unet, vae, text_encoder, scheduler
+
+
+def build_tiny_sd_turbo(folder: Path, seed: int = 0) -> Path:
+    """Save a tiny SD-Turbo-architecture pipeline folder (model_index.json layout) into ``folder``: 32 px images
+    ↔ 4×8×8 latents, hidden size 32, epsilon prediction (see :func:`sd_turbo_family_components`), plus the
+    offline CLIP tokenizer."""
+    from diffusers import StableDiffusionPipeline
+    from transformers import CLIPTokenizer
+
+    unet, vae, text_encoder, scheduler = sd_turbo_family_components(
+        seed, image_size=32, vae_channels=(16, 32, 32), text_width=32, prediction_type="epsilon")
     tokenizer_dir = write_clip_tokenizer(folder / "_tokenizer_src")
     tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
     pipe = StableDiffusionPipeline(

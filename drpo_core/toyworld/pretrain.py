@@ -65,33 +65,12 @@ def build_toy_models(seed: int = 0):
     """Untrained (unet, vae, text_encoder, tokenizer, scheduler) of the toy base architecture."""
     import tempfile
 
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTokenizer
 
-    from drpo_core.models.tiny_models import write_clip_tokenizer
+    from drpo_core.models.tiny_models import sd_turbo_family_components, write_clip_tokenizer
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        unet = UNet2DConditionModel(
-            sample_size=SIZE // 4, in_channels=4, out_channels=4, layers_per_block=1,
-            block_out_channels=(32, 64), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=64,
-            attention_head_dim=8, norm_num_groups=8,
-        )
-        vae = AutoencoderKL(
-            in_channels=3, out_channels=3, latent_channels=4, sample_size=SIZE, layers_per_block=1,
-            block_out_channels=(32, 64, 64), down_block_types=("DownEncoderBlock2D",) * 3,
-            up_block_types=("UpDecoderBlock2D",) * 3, norm_num_groups=8,
-        )
-        text_encoder = CLIPTextModel(CLIPTextConfig(
-            hidden_size=64, intermediate_size=128, num_attention_heads=4, num_hidden_layers=2,
-            vocab_size=49408, max_position_embeddings=77, projection_dim=64,
-            bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
-        ))
-    scheduler = EulerDiscreteScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
-        prediction_type="v_prediction", timestep_spacing="trailing", steps_offset=1,
-    )
+    unet, vae, text_encoder, scheduler = sd_turbo_family_components(
+        seed, image_size=SIZE, vae_channels=(32, 64, 64), text_width=64, prediction_type="v_prediction")
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = CLIPTokenizer.from_pretrained(write_clip_tokenizer(Path(tmp)))
     return unet, vae, text_encoder, tokenizer, scheduler
