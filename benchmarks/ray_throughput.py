@@ -98,6 +98,7 @@ def main() -> None:
     ap.add_argument("--cluster-nodes", type=int, default=0, help="run on a local multi-node Cluster with this many worker nodes")
     ap.add_argument("--generators", default="1,2,4", help="with --cluster-nodes: generator replica counts")
     ap.add_argument("--rounds", type=int, default=1, help="with --cluster-nodes: alternating repeats of the set of variants")
+    ap.add_argument("--address", default=None, help="with --cluster-nodes: use this running (GPU) cluster instead of a local one")
     args = ap.parse_args()
     if args.cluster_nodes:
         return scale_generators(args)
@@ -147,9 +148,10 @@ def scale_generators(args) -> None:
 
     from drpo_core.config import load_config
 
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
-    for _ in range(args.cluster_nodes):
+    cluster = None if args.address else Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
+    for _ in range(0 if args.address else args.cluster_nodes):
         cluster.add_node(num_cpus=2)
+    address = args.address or cluster.address
     counts = [int(x) for x in args.generators.split(",")]
     base = load_config([args.config], args.overrides)
     candidates = base.trainer.prompts_per_step * base.algo.num_candidates
@@ -157,10 +159,10 @@ def scale_generators(args) -> None:
     try:
         for r in range(args.rounds):
             for n in (counts if r % 2 == 0 else counts[::-1]):
-                cfg = load_config([args.config], [*args.overrides, f"runtime.address={cluster.address}",
+                cfg = load_config([args.config], [*args.overrides, f"runtime.address={address}",
                                                   f"runtime.generator.replicas={n}", "runtime.generator.scheduling=SPREAD",
                                                   f"runtime.generator.num_cpus={min(0.5, 2 * args.cluster_nodes / n):g}"])
-                ray.init(address=cluster.address, log_to_driver=False)
+                ray.init(address=address, log_to_driver=False)
                 try:
                     result = measure_ray(cfg, args.steps)
                 finally:
@@ -170,7 +172,8 @@ def scale_generators(args) -> None:
                 print(f"round {r + 1}, {n} generator(s): median step {result['median_step_s']:.3f}s, "
                       f"{candidates / result['median_step_s']:.1f} candidates/s, start {result['start_s']:.1f}s", flush=True)
     finally:
-        cluster.shutdown()
+        if cluster is not None:
+            cluster.shutdown()
     print(f"\n{args.steps} steps of {args.config} ({candidates} candidates/step), head + {args.cluster_nodes} worker nodes "
           f"on {os.cpu_count()} CPU cores, median step after {args.warmup} warm-up steps, median over {args.rounds} round(s)\n")
     print("| generators | candidates/s | median step | range of run medians | generate (per step, in actors) | wait for groups | wait for update |")

@@ -200,7 +200,3 @@ class CollectivePublisher:
                         version, report.get("error") or f"{sum(received)}/{len(receives)} generators received it")
         return report
 
-
-def handle_for(mode: str, version: int, serial: int, learner, ref=None) -> WeightsHandle:
-    """The request-side handle: the object-store ref, or (collective) the learner to fetch a missed publish from."""
-    return WeightsHandle(version, ref, serial) if mode == "object_store" else WeightsHandle(version, None, serial, learner)
