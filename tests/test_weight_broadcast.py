@@ -60,3 +60,17 @@ def test_a_gloo_broadcast_gives_every_receiver_the_senders_buckets_and_a_lost_re
     [t.start() for t in threads]
     [t.join(60) for t in threads]
     assert not any(t.is_alive() for t in threads) and {e[1] for e in errors} == {0, 1}
+
+
+def test_weight_sync_options_are_validated_once_in_one_line():
+    from drpo_core.config import ConfigError, load_config
+    from services.weight_sync import sync_dtype, sync_mode
+
+    with pytest.raises(ConfigError, match=r"^runtime.weight_sync: Input should be 'auto', 'object_store' or 'collective'$"):
+        load_config([], ["runtime.weight_sync=nccl"])
+    with pytest.raises(ConfigError, match="weight_sync_dtype float16 cannot hold the range of bfloat16"):
+        load_config([], ["model.dtype=bfloat16", "runtime.weight_sync_dtype=float16"])
+    assert sync_mode(load_config([], ["lora.enabled=false"])) == "collective"
+    assert sync_mode(load_config([], ["runtime.weight_sync=collective"])) == "collective"  # a LoRA may use it too
+    assert sync_dtype(load_config([], ["model.dtype=bfloat16"])) == torch.bfloat16
+    assert sync_dtype(load_config([], [])) == torch.float16  # an fp32 model broadcasts in fp16
