@@ -6,6 +6,13 @@ steady-state rate (median step time after ``--warmup`` steps), the wall time inc
 overhead fraction 1 − rate(Ray) / rate(local). Numbers go to docs/ray.md; nothing here is a test.
 
     .venv/bin/python benchmarks/ray_throughput.py --config deploy/configs/tiny.yaml --steps 30
+
+``--cluster-nodes N --generators 1,2,4`` instead runs the Ray runtime only, on a ``ray.cluster_utils.Cluster``
+(a head holding the driver, learner and reward, N worker nodes each with its own raylet and object store;
+generators spread over them with ``scheduling: SPREAD``), once per generator count, ``--rounds`` times in
+alternating order; the table gives the median over rounds of each run's median step.
+
+    nice -n 15 .venv/bin/python benchmarks/ray_throughput.py --cluster-nodes 2 --generators 1,2,4 --steps 20 --rounds 2
 """
 
 from __future__ import annotations
@@ -88,7 +95,13 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--cluster-nodes", type=int, default=0, help="run on a local multi-node Cluster with this many worker nodes")
+    ap.add_argument("--generators", default="1,2,4", help="with --cluster-nodes: generator replica counts")
+    ap.add_argument("--rounds", type=int, default=1, help="with --cluster-nodes: alternating repeats of the set of variants")
+    ap.add_argument("--address", default=None, help="with --cluster-nodes: use this running (GPU) cluster instead of a local one")
     args = ap.parse_args()
+    if args.cluster_nodes:
+        return scale_generators(args)
 
     import ray
 
@@ -126,6 +139,53 @@ def main() -> None:
             print(f"  {name}: " + ", ".join(f"{k.split('/')[1]} {v:.3f}" for k, v in r["stages"].items()))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
+
+
+def scale_generators(args) -> None:
+    """1/2/4 generator replicas on a local multi-node cluster (see the module docstring)."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from drpo_core.config import load_config
+
+    cluster = None if args.address else Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
+    for _ in range(0 if args.address else args.cluster_nodes):
+        cluster.add_node(num_cpus=2)
+    address = args.address or cluster.address
+    counts = [int(x) for x in args.generators.split(",")]
+    base = load_config([args.config], args.overrides)
+    candidates = base.trainer.prompts_per_step * base.algo.num_candidates
+    runs: dict[int, list[dict]] = {n: [] for n in counts}
+    try:
+        for r in range(args.rounds):
+            for n in (counts if r % 2 == 0 else counts[::-1]):
+                cfg = load_config([args.config], [*args.overrides, f"runtime.address={address}",
+                                                  f"runtime.generator.replicas={n}", "runtime.generator.scheduling=SPREAD",
+                                                  f"runtime.generator.num_cpus={min(0.5, 2 * args.cluster_nodes / n):g}"])
+                ray.init(address=address, log_to_driver=False)
+                try:
+                    result = measure_ray(cfg, args.steps)
+                finally:
+                    ray.shutdown()
+                result["median_step_s"] = statistics.median(result["step_times"][args.warmup:])
+                runs[n].append(result)
+                print(f"round {r + 1}, {n} generator(s): median step {result['median_step_s']:.3f}s, "
+                      f"{candidates / result['median_step_s']:.1f} candidates/s, start {result['start_s']:.1f}s", flush=True)
+    finally:
+        if cluster is not None:
+            cluster.shutdown()
+    print(f"\n{args.steps} steps of {args.config} ({candidates} candidates/step), head + {args.cluster_nodes} worker nodes "
+          f"on {os.cpu_count()} CPU cores, median step after {args.warmup} warm-up steps, median over {args.rounds} round(s)\n")
+    print("| generators | candidates/s | median step | range of run medians | generate (per step, in actors) | wait for groups | wait for update |")
+    print("|---|---|---|---|---|---|---|")
+    for n, rs in runs.items():
+        step = statistics.median(x["median_step_s"] for x in rs)
+        stage = {k: statistics.median(x["stages"][k] for x in rs) for k in rs[0]["stages"]}
+        print(f"| {n} | {candidates / step:.1f} | {step:.3f} s | {min(x['median_step_s'] for x in rs):.3f}–"
+              f"{max(x['median_step_s'] for x in rs):.3f} s | {stage['timing/generate_s']:.2f} s | "
+              f"{stage['timing/wait_groups_s']:.2f} s | {stage['timing/wait_update_s']:.2f} s |")
+    if args.json:
+        args.json.write_text(json.dumps({str(n): rs for n, rs in runs.items()}, indent=2))
 
 
 if __name__ == "__main__":

@@ -305,6 +305,9 @@ class DrpoConfig(Section):
                                      f"(kind {r.kind}) is not differentiable; use one of {list(DIFFERENTIABLE_REWARD_KINDS)}")
         if self.algo.grpo.num_anchors > self.algo.num_candidates:
             raise ValueError(f"algo.grpo.num_anchors ({self.algo.grpo.num_anchors}) exceeds num_candidates ({self.algo.num_candidates})")
+        if self.model.dtype == "bfloat16" and self.runtime.weight_sync_dtype == "float16":
+            raise ValueError("runtime.weight_sync_dtype float16 cannot hold the range of bfloat16 model weights; "
+                             "use bfloat16 or auto")
         if self.algo.offline.dataset and self.algo.kind != "drpo":
             raise ValueError(f"algo.offline.dataset gives DrPO anchors; algo.kind {self.algo.kind!r} does not use them")
         return self

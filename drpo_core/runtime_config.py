@@ -82,6 +82,14 @@ class RuntimeConfig(Section):
     max_attempts: int = Field(3, ge=1, description="tries per generate/score request before giving up on it")
     replica_restart_budget: int = Field(4, ge=0, description="replacements of permanently dead replicas, per pool")
     learner_restart_budget: int = Field(2, ge=0, description="learner recoveries from the last checkpoint per job")
+    weight_sync: Literal["auto", "object_store", "collective"] = Field(
+        "auto", description="how generators get new weights: object_store (one copy per version, pulled), collective "
+        "(learner rank 0 broadcasts to the generators; gloo on CPU, NCCL on GPU); auto: collective for full fine-tuning, "
+        "object_store for LoRA")
+    weight_sync_dtype: Literal["auto", "float16", "bfloat16", "float32"] = Field(
+        "auto", description="dtype of the broadcast weights; auto: model.dtype if 16-bit, else float16")
+    weight_sync_timeout_s: float = Field(120.0, gt=0, description="bound on joining and on one broadcast; a generator "
+                                         "that missed it fetches that version from the learner instead")
     metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus /metrics port of the controller; 0 = off")
     metrics_host: str = Field("127.0.0.1", description="interface of the /metrics server (0.0.0.0 in a cluster pod, "
                               "where Prometheus scrapes it; loopback by default so a laptop run exposes nothing)")

@@ -26,6 +26,7 @@ from drpo_core.training import data_parallel
 from drpo_core.training.sampler import CandidateSampler
 from drpo_core.training.scoring import RewardScorer
 from drpo_core.training.trainer import DrpoTrainer, build_rewards
+from services.weight_sync import SyncReceiver, SyncSender, sync_dtype, sync_mode
 from services.weights import WeightsHandle, pack_state, unpack_state
 
 
@@ -136,14 +137,34 @@ class GeneratorActor:
         if cfg.model.merge_lora_for_sampling:  # sampling-only: stay merged; load_trainable_state_dict re-merges once per version
             self.sampler.generator.merge_lora(keep=True)
         self.dtype = cfg.model.dtype
+        self.serial, self.receiver = -1, None  # collective weight sync: the publish held, the broadcast end
+        if sync_mode(cfg) == "collective":
+            shapes = {k: tuple(v.shape) for k, v in self.sampler.generator.trainable_state_dict().items()}
+            self.receiver = SyncReceiver(sync_dtype(cfg), self.sampler.generator.device, shapes)
 
     def _sync(self, weights: WeightsHandle) -> float:
-        """Pull the published version if ours differs (a restarted learner may publish an older one)."""
+        """Pull the published version if ours differs (a restarted learner may publish an older one). Collective
+        sync: switch to the staged broadcast (or fetch a missed one) when the request's publish is newer."""
+        if weights.source is not None:
+            if weights.serial <= self.serial:
+                return 0.0
+            t0 = time.perf_counter()
+            serial, version, state = self.receiver.weights_for(weights, self.pull_timeout_s)
+            self.sampler.set_weights(state, version)
+            self.serial = serial
+            return time.perf_counter() - t0
         if weights.version == self.sampler.version:
             return 0.0
         t0 = time.perf_counter()
         self.sampler.set_weights(_pull(weights, self.pull_timeout_s), weights.version)
         return time.perf_counter() - t0
+
+    def sync_receive(self, *args) -> dict:
+        """Collective weight sync, on the ``weights`` thread: join the epoch if new, receive into a staging copy."""
+        return self.receiver.receive(*args)
+
+    def sync_stats(self) -> dict:
+        return {"serial": self.serial, "version": self.sampler.version, **(self.receiver.stats if self.receiver else {})}
 
     def generate(self, weights: WeightsHandle, request: GroupRequest) -> tuple[CandidateGroup, CandidateGroup, GenerationInfo]:
         """Called with num_returns=3: the rewards' view (uint8 images), the learner's view (latents, seeds), the info.
@@ -222,6 +243,7 @@ class LearnerActor:
         if self.checkpoint_dir:
             self.trainer.resume(Path(self.checkpoint_dir))
         self.rank = 0  # data parallel: set by join(); rank 0 alone publishes, checkpoints and evaluates
+        self.sender = SyncSender(sync_dtype(cfg), self.trainer.generator.device) if sync_mode(cfg) == "collective" else None
 
     # -- data parallel (runtime.learner.replicas > 1) -----------------------------------------------
     def rendezvous(self) -> tuple[str, int]:
@@ -283,6 +305,23 @@ class LearnerActor:
         """The trainable state as numpy arrays (called with num_returns=2: the first return is the one
         object-store copy of this version, the second its version number for the driver)."""
         return pack_state(self.trainer.generator.trainable_state_dict()), self.trainer.learner.version
+
+    # -- collective weight sync (services/weight_sync.py) -------------------------------------------
+    def _live_state(self) -> dict[str, torch.Tensor]:
+        g = self.trainer.generator  # the full UNet without a CPU copy; a LoRA in peft naming
+        return g.trainable_state_dict() if g.lora_cfg.enabled else {k: v.detach() for k, v in g.unet.state_dict().items()}
+
+    def sync_rendezvous(self, world: int, timeout_s: float) -> tuple[str, int, str]:
+        return self.sender.rendezvous(self._live_state(), world, timeout_s)
+
+    def sync_send(self, epoch: int, world: int, serial: int, version: int, timeout_s: float) -> dict:
+        self._expect(version)
+        return {**self.sender.send(self._live_state(), epoch, world, serial, version, timeout_s), "version": version}
+
+    def sync_payload(self) -> tuple[int, int, dict]:
+        """The newest broadcast version for a generator that missed it (``weights`` concurrency group: served
+        while an update runs)."""
+        return self.sender.payload()
 
     def checkpoint(self, expect_version: int, step: int, sampler_state: dict, reward_history: dict) -> str:
         """DrpoTrainer.save_checkpoint with the controller's step, prompt position and reward history."""

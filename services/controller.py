@@ -36,6 +36,7 @@ from services.actors import LearnerRestartedError, running_stats
 from services.pipeline import GroupPipeline, TrackedGroup
 from services.replica_pool import short_error
 from services.runtime import RayRuntime
+from services.weight_sync import CollectivePublisher, sync_mode
 from services.weights import WeightStore
 
 log = logging.getLogger("drpo.controller")
@@ -71,6 +72,8 @@ class Controller:
         self.cfg, self.rt, self.exporter = cfg, runtime, exporter
         self.output_dir = Path(output_dir or cfg.output.dir)
         self.weights = WeightStore()
+        self.collective = (CollectivePublisher(cfg.runtime.weight_sync_timeout_s, self.generator_members)
+                           if sync_mode(cfg) == "collective" else None)  # else: through the object store
         self.pipeline = GroupPipeline(cfg, runtime.generators, runtime.rewards, self.weights)
         self.counters: Counter = Counter()
         self.step = self.next_issue = 0
@@ -188,9 +191,18 @@ class Controller:
     def publish(self, version: int) -> None:
         """The learner's state of ``version`` as one object; only its small second return comes to the driver
         (a learner that died before publishing surfaces here, not in every generator's pull)."""
-        if version != self.weights.version:
-            payload, published = self.rt.learner.publish_weights.options(num_returns=2).remote()
-            self.weights.publish(self.wait_learner(published, self.cfg.runtime.update_timeout_s), payload)
+        if version == self.weights.version:
+            return
+        if self.collective is not None:  # broadcast to the generators; a missed one is fetched from the learner
+            self.collective.publish(self.rt.learner, self.weights.published + 1, version, self.wait_learner)
+            self.weights.publish(version, None, source=self.rt.learner)
+            return
+        payload, published = self.rt.learner.publish_weights.options(num_returns=2).remote()
+        self.weights.publish(self.wait_learner(published, self.cfg.runtime.update_timeout_s), payload)
+
+    def generator_members(self) -> list:
+        """Live generators for the broadcast group, keyed by (replica, pid): a restart changes the key."""
+        return [((r.index, r.pid), r.handle) for r in self.rt.generators.replicas if r.state == "up"]
 
     def restore(self) -> None:
         point = self.wait_learner(self.rt.learner.restore_point.remote(), self.cfg.runtime.start_timeout_s)
@@ -199,6 +211,8 @@ class Controller:
         self.prompts.load_state(point["sampler"])
         self.reward_history = {k: running_stats(v) for k, v in point["reward_history"].items()}
         self.weights.clear()
+        if self.collective is not None:
+            self.collective.reset()  # a restarted learner left the broadcast group
         self.publish(int(point["version"]))
 
     def recover_learner(self, error: LearnerLostError) -> None:
@@ -279,6 +293,9 @@ class Controller:
         stats["runtime/missing_groups"] = float(self.pipeline.counters["missing_groups"])
         stats["runtime/staleness_fallbacks"] = float(self.counters["staleness_fallbacks"])
         stats["runtime/learner_restarts"] = float(self.counters["learner_restarts"])
+        if self.collective is not None:
+            stats["runtime/weight_sync_epochs"] = float(self.collective.counters["epochs"])
+            stats["runtime/weight_sync_failures"] = float(self.collective.counters["failures"])
         stats.update(self.rt.placement())  # placement/{role}/{device}/{dtype}: replicas
         for name, p in pools.items():
             stats.update({f"pool/{name}/replicas": float(p.size), f"pool/{name}/restarts": float(p.stats["restarts"]),

@@ -85,6 +85,8 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("runtime/missing_groups", "drpo_runtime_missing_groups", C, "groups whose scoring failed every attempt (scores missing)"),
     MetricSpec("runtime/staleness_fallbacks", "drpo_runtime_staleness_fallbacks", C, "steps sampled past max_staleness after the wait timed out"),
     MetricSpec("runtime/learner_restarts", "drpo_runtime_learner_restarts", C, "learner recoveries from the last checkpoint"),
+    MetricSpec("runtime/weight_sync_epochs", "drpo_runtime_weight_sync_epochs", C, "broadcast groups formed (collective weight sync)"),
+    MetricSpec("runtime/weight_sync_failures", "drpo_runtime_weight_sync_failures", C, "weight broadcasts some generator missed (fetched from the learner instead)"),
     MetricSpec("pool/{pool}/replicas", "drpo_pool_replicas", G, "live replicas of a pool"),
     MetricSpec("pool/{pool}/restarts", "drpo_pool_restarts", C, "replica restarts (by Ray or replaced by the pool)"),
     MetricSpec("pool/{pool}/timeouts", "drpo_pool_timeouts", C, "calls that ran past runtime.request_timeout_s"),

@@ -20,6 +20,7 @@ from drpo_core.config import DrpoConfig
 from services.actors import GeneratorActor, LearnerActor, RewardActor
 from services.replica_pool import HEALTH_GROUP, PoolExhaustedError, ReplicaPool, short_error
 from services.roles import ResourcePlan, Role, cluster_view
+from services.weight_sync import WEIGHTS_GROUP
 
 # Variables every actor needs to see like the driver does (offline hub, model cache, tokenizer threads).
 PROPAGATED_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME", "HF_HUB_CACHE", "DRPO_CACHE", "TOKENIZERS_PARALLELISM")
@@ -77,7 +78,7 @@ class RayRuntime:
         plan = ResourcePlan.from_config(rt, propagated_env())
         plan.check(*cluster_view())
         group, indices = plan.reserve(rt.start_timeout_s)
-        remote = {role: ray.remote(concurrency_groups=HEALTH_GROUP)(getattr(classes, role.value)) for role in Role}
+        remote = {role: ray.remote(concurrency_groups={**HEALTH_GROUP, **WEIGHTS_GROUP})(getattr(classes, role.value)) for role in Role}
         cfg_json = cfg.model_dump_json()
 
         def factory(role: Role):

@@ -46,10 +46,16 @@ def unpack_state(payload: dict[str, tuple[np.ndarray, str]]) -> dict[str, torch.
 @dataclass(frozen=True)
 class WeightsHandle:
     """A published policy version. ``ref`` is a Ray ObjectRef to a :func:`pack_state` payload (or, in-process,
-    the payload itself). Passed inside a request object, Ray does not resolve it: the receiver decides."""
+    the payload itself). Passed inside a request object, Ray does not resolve it: the receiver decides.
+
+    Collective weight sync (services/weight_sync.py) sends no payload: ``ref`` is None, ``source`` is the
+    learner to fetch a missed broadcast from, and ``serial`` (the publish count, monotonic across learner
+    rollbacks) orders publishes."""
 
     version: int
     ref: Any
+    serial: int = -1
+    source: Any = None
 
 
 class WeightStore:
@@ -59,9 +65,9 @@ class WeightStore:
         self._newest: WeightsHandle | None = None
         self.published = 0
 
-    def publish(self, version: int, ref: Any) -> WeightsHandle:
-        self._newest = WeightsHandle(version, ref)
+    def publish(self, version: int, ref: Any, source: Any = None) -> WeightsHandle:
         self.published += 1
+        self._newest = WeightsHandle(version, ref, self.published, source)
         return self._newest
 
     @property
