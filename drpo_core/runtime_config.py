@@ -58,6 +58,22 @@ class LearnerRoleConfig(RoleConfig):
         return v
 
 
+class NodeTypeConfig(Section):
+    """One node type the cluster's autoscaler can add (a KubeRay worker group, a cluster-launcher node type)."""
+
+    resources: dict[str, float] = Field(description="Ray resources one node of this type advertises, e.g. "
+                                        "{CPU: 8, GPU: 1, generator: 1} (KubeRay: the pod's cpu / nvidia.com/gpu limits "
+                                        "and the group's resources)")
+    max_workers: int = Field(ge=0, description="nodes of this type the autoscaler may run at most (KubeRay: maxReplicas)")
+
+    @field_validator("resources")
+    @classmethod
+    def _some_positive(cls, v: dict[str, float]) -> dict[str, float]:
+        if not v or any(x < 0 for x in v.values()):
+            raise ValueError("a node type needs at least one resource and no negative amounts")
+        return v
+
+
 class RuntimeConfig(Section):
     """The Ray actor–learner runtime (``drpo train`` without ``--local``); see docs/ray.md."""
 
@@ -65,6 +81,9 @@ class RuntimeConfig(Section):
     local_num_cpus: int = Field(2, ge=1, description="CPUs of the embedded local cluster started when no address is known")
     placement: Literal["none", "PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
         "none", description="reserve all replicas in one placement group with this strategy; 'none' schedules per role")
+    autoscaling: dict[str, NodeTypeConfig] = Field(default_factory=dict, description="node types the cluster's "
+                                                   "autoscaler can add, by name; the plan check counts up to max_workers "
+                                                   "nodes of each (empty: the cluster is what it is now)")
     generator: GeneratorRoleConfig = GeneratorRoleConfig()
     reward: RewardRoleConfig = RewardRoleConfig()
     learner: LearnerRoleConfig = LearnerRoleConfig()

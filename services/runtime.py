@@ -75,7 +75,7 @@ class RayRuntime:
     def start(cls, cfg: DrpoConfig, output_dir: Path, resume: Path | None = None, classes: RoleClasses | None = None) -> "RayRuntime":
         rt, classes = cfg.runtime, classes or RoleClasses()
         plan = ResourcePlan.from_config(rt, propagated_env())
-        plan.check(*cluster_view())
+        plan.check(*cluster_view(), node_types=rt.autoscaling)
         group, indices = plan.reserve(rt.start_timeout_s)
         remote = {role: ray.remote(concurrency_groups=HEALTH_GROUP)(getattr(classes, role.value)) for role in Role}
         cfg_json = cfg.model_dump_json()
