@@ -253,13 +253,15 @@ class RemoteReward:
                     return self._give_up(n, f"{where}: the request's deadline passed after {attempt} attempts")
                 self._count("requests")
                 self.last_attempts = max(self.last_attempts, attempt + 1)
+                limit = min(self._deadline_s(), budget.seconds_left())
                 try:
-                    async with asyncio.timeout(min(self._deadline_s(), budget.seconds_left())):
+                    async with asyncio.timeout(limit):
                         values = await self._send(payload, n)
                     return [as_score(v) for v in values]
                 except TimeoutError:
                     self._count("timeouts")
-                    return self._give_up(n, f"{where}: no answer within {self.timeout_s:g}s")
+                    cut = " (the request's deadline)" if limit < self._deadline_s() else ""
+                    return self._give_up(n, f"{where}: no answer within {min(limit, self.timeout_s):g}s{cut}")
                 except TransientFailure as e:
                     self._count("timeouts", int(e.timeout))
                     if attempt == tries - 1:
