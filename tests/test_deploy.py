@@ -108,9 +108,8 @@ CLUSTER_BREAKS = {
     "duplicate group": (lambda d: group(d, 1).update(groupName="generator"), "group names must be unique"),
     "name not DNS-1035": (lambda d: d["metadata"].update(name="DrPO_cluster"), "not a DNS-1035 label"),
     "unknown upscaling mode": (lambda d: d["spec"]["autoscalerOptions"].update(upscalingMode="Fast"), "is not one of"),
-    "group idle timeout without autoscaler v2": (lambda d: (d["spec"]["autoscalerOptions"].update(version="v1"),
-                                                            group(d, 0).update(idleTimeoutSeconds=60)),
-                                                 "idleTimeoutSeconds needs autoscalerOptions.version v2"),
+    "restartPolicy Always with autoscaler v2": (lambda d: group(d, 0)["template"]["spec"].update(restartPolicy="Always"),
+                                                "restartPolicy of generator should be Never or unset"),
 }
 JOB_BREAKS = {
     "neither rayClusterSpec nor clusterSelector": (lambda d: d["spec"].pop("rayClusterSpec"),
