@@ -91,7 +91,7 @@ class SimReward:
         self.scale = float(os.environ["DRPO_SIM_SCALE"])
         self.per_image = REWARD_MS[os.environ["DRPO_SIM_REWARD"]] * MS
 
-    def score(self, group):
+    def score(self, group, budget=None):  # budget: the pool's CallBudget (a simulated reward makes one try)
         from drpo_core.algorithms.groups import stable_seed
         from drpo_core.algorithms.ranking import zscore
         from services.actors import ScoreResult

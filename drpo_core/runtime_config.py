@@ -23,18 +23,32 @@ class RoleConfig(Section):
     runtime_env: dict[str, Any] | None = Field(None, description="Ray runtime_env of this role's actors (pip, env_vars, container...)")
 
 
+def _pool_owns_retries(role: str):
+    """Generator and reward calls are retried by the replica pool within runtime.max_attempts; a Ray task retry
+    on top would be a second, unbudgeted layer (its tries multiply the pool's)."""
+
+    def check(cls, v: int) -> int:
+        if v != 0:
+            raise ValueError(f"the replica pool retries {role} calls within runtime.max_attempts (one budget for every "
+                             "layer); Ray task retries would multiply them, so max_task_retries must be 0")
+        return v
+    return field_validator("max_task_retries")(classmethod(check))
+
+
 class GeneratorRoleConfig(RoleConfig):
     """Generator replicas: sample K candidates per prompt group with the newest published weights."""
+
+    _no_task_retries = _pool_owns_retries("generator")
 
     batch_groups: int = Field(1, ge=1, description="prompt groups of one step per generate call (one batched forward "
                               "of up to batch_groups·K candidates); 1 = one group per call")
 
 
 class RewardRoleConfig(RoleConfig):
-    """Reward-server replicas: scoring is idempotent, so a call may be retried on a restarted replica."""
+    """Reward-server replicas: scoring is idempotent, so the pool re-issues a failed or slow call elsewhere."""
 
     num_cpus: float = Field(0.25, ge=0)
-    max_task_retries: int = Field(1, ge=-1)
+    _no_task_retries = _pool_owns_retries("reward")
 
 
 class LearnerRoleConfig(RoleConfig):
@@ -58,6 +72,22 @@ class LearnerRoleConfig(RoleConfig):
         return v
 
 
+class NodeTypeConfig(Section):
+    """One node type the cluster's autoscaler can add (a KubeRay worker group, a cluster-launcher node type)."""
+
+    resources: dict[str, float] = Field(description="Ray resources one node of this type advertises, e.g. "
+                                        "{CPU: 8, GPU: 1, generator: 1} (KubeRay: the pod's cpu / nvidia.com/gpu limits "
+                                        "and the group's resources)")
+    max_workers: int = Field(ge=0, description="nodes of this type the autoscaler may run at most (KubeRay: maxReplicas)")
+
+    @field_validator("resources")
+    @classmethod
+    def _some_positive(cls, v: dict[str, float]) -> dict[str, float]:
+        if not v or any(x < 0 for x in v.values()):
+            raise ValueError("a node type needs at least one resource and no negative amounts")
+        return v
+
+
 class RuntimeConfig(Section):
     """The Ray actor–learner runtime (``drpo train`` without ``--local``); see docs/ray.md."""
 
@@ -65,6 +95,9 @@ class RuntimeConfig(Section):
     local_num_cpus: int = Field(2, ge=1, description="CPUs of the embedded local cluster started when no address is known")
     placement: Literal["none", "PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
         "none", description="reserve all replicas in one placement group with this strategy; 'none' schedules per role")
+    autoscaling: dict[str, NodeTypeConfig] = Field(default_factory=dict, description="node types the cluster's "
+                                                   "autoscaler can add, by name; the plan check counts up to max_workers "
+                                                   "nodes of each (empty: the cluster is what it is now)")
     generator: GeneratorRoleConfig = GeneratorRoleConfig()
     reward: RewardRoleConfig = RewardRoleConfig()
     learner: LearnerRoleConfig = LearnerRoleConfig()
@@ -79,7 +112,12 @@ class RuntimeConfig(Section):
     update_timeout_s: float = Field(1800.0, gt=0, description="a learner update older than this counts as a hung learner")
     start_timeout_s: float = Field(300.0, gt=0, description="actors and placement groups must be up within this time")
     health_check_interval_s: float = Field(10.0, gt=0)
-    max_attempts: int = Field(3, ge=1, description="tries per generate/score request before giving up on it")
+    max_attempts: int = Field(3, ge=1, description="tries per generate/score request before giving up on it; for a "
+                              "score request every try counts, the pool's re-issues and hedges and a remote reward "
+                              "client's own retries alike (one budget; the client's max_retries still caps its share)")
+    request_deadline_s: float | None = Field(None, gt=0, description="a score request unanswered this long after it was "
+                                             "submitted gives up (its group's scores are missing); no try starts after it; "
+                                             "null: max_attempts × request_timeout_s")
     replica_restart_budget: int = Field(4, ge=0, description="replacements of permanently dead replicas, per pool")
     learner_restart_budget: int = Field(2, ge=0, description="learner recoveries from the last checkpoint per job")
     weight_sync: Literal["auto", "object_store", "collective"] = Field(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import time
 import warnings
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from drpo_core.config import DrpoConfig
 from drpo_core.models.generator import load_generator
 from drpo_core.algorithms.groups import CandidateGroup
 from drpo_core.algorithms.normalizer import RunningStats
+from drpo_core.rewards.budget import CallBudget
 from services.rewards import build_reward  # grpc / flow_grpo clients live in services
 from drpo_core.training import data_parallel
 from drpo_core.training.sampler import CandidateSampler
@@ -65,6 +67,7 @@ class ScoreResult:
     scores: torch.Tensor
     stats: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
+    attempts: int = 1  # the most tries a remote reward's batch made in this call (within its CallBudget)
 
     @classmethod
     def missing(cls, group_id: str, version: int, size: int, labels: list[str]) -> "ScoreResult":
@@ -212,11 +215,16 @@ class RewardActor:
         self.scorer = RewardScorer(build_rewards(cfg, builder=build_reward), binary=cfg.algo.binary_threshold is not None,
                                    shuffle_seed=cfg.trainer.seed if cfg.algo.shuffle_rewards else None)
 
-    def score(self, group: CandidateGroup) -> ScoreResult:
+    def score(self, group: CandidateGroup, budget: CallBudget | None = None) -> ScoreResult:
+        """``budget``: the tries and deadline the pool gave this call; remote rewards retry within it."""
         t0 = time.perf_counter()
-        self.scorer.score([group])
+        remote = [fn for fn, _ in self.scorer.rewards.values() if hasattr(fn, "budgeted")]  # HTTP / gRPC clients
+        with ExitStack() as stack:
+            for fn in remote:
+                stack.enter_context(fn.budgeted(budget))
+            self.scorer.score([group])
         return ScoreResult(group.group_id, group.version, group.rewards, group.scores, self.scorer.pop_stats(),
-                           time.perf_counter() - t0)
+                           time.perf_counter() - t0, max([fn.last_attempts for fn in remote], default=1))
 
     def ping(self) -> dict:
         fn = next(iter(self.scorer.rewards.values()))[0]

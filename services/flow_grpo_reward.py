@@ -9,7 +9,7 @@ Their protocol, as flow_grpo's ``flow_grpo/rewards.py`` speaks it::
 
 Differences from flow_grpo's own client, on purpose: a 500 is *not* retried (flow_grpo retries it up to
 1000 times, which turns a deterministic server bug into a hang); retries, deadlines, batching and missing
-scores follow :class:`drpo_core.rewards.http.RemoteReward` like every other remote reward.
+scores follow :class:`drpo_core.rewards.remote.RemoteReward` like every other remote reward.
 """
 
 from __future__ import annotations

@@ -6,6 +6,11 @@ failed input. This pool instead, for each request (a method name + arguments und
 - dispatches it to the least-loaded healthy replica, at most ``max_in_flight`` calls per replica;
 - re-queues it to another replica when the call fails (dead actor, lost object, exception), up to
   ``max_attempts`` tries, after which it completes with an ``error`` instead of blocking the job;
+- with ``call_budget``, shares that budget with the layer below: each call gets a ``budget=CallBudget``
+  keyword (the tries it may make, reserved here before it is sent, and the request's deadline), so the
+  tries of every copy and of the callee's own retries add up to at most ``max_attempts``
+  (drpo_core/rewards/budget.py); with ``deadline_s`` a request still unanswered that long after
+  :meth:`submit` completes with an ``error`` (its late result is dropped);
 - re-issues it (a hedge) when the call passes ``request_timeout_s``; whichever copy finishes first is
   delivered, a later one is dropped and counted as a duplicate;
 - pings replicas (a separate ``health`` concurrency group, so a ping is answered during long work),
@@ -28,6 +33,8 @@ from typing import Any, Callable
 
 import ray
 from ray.exceptions import ActorUnavailableError, GetTimeoutError, ObjectLostError, RayActorError, RayError
+
+from drpo_core.rewards.budget import CallBudget
 
 HEALTH_GROUP = {"health": 1}  # ray.remote(concurrency_groups=HEALTH_GROUP) on every pooled actor class
 
@@ -58,7 +65,9 @@ class Request:
     method: str
     args: tuple
     num_returns: int = 1
-    attempts: int = 0
+    attempts: int = 0                 # tries spent: one per call, or the budget reserved for it (call_budget)
+    calls: int = 0
+    deadline: float | None = None     # time.time() after which it completes with an error (deadline_s)
     live: int = 0
     done: bool = False
     tried: set = field(default_factory=set)
@@ -100,7 +109,8 @@ class ReplicaPool:
                  request_timeout_s: float = 300.0, max_attempts: int = 3, restart_budget: int = 4,
                  health_interval_s: float = 10.0, health_timeout_s: float = 30.0, start_timeout_s: float = 300.0,
                  stuck_after_s: float | None = None, hedge_quantile: float | None = None, hedge_factor: float = 2.0,
-                 hedge_min_samples: int = 20, hedge_floor_s: float = 0.0):
+                 hedge_min_samples: int = 20, hedge_floor_s: float = 0.0, call_budget: bool = False,
+                 deadline_s: float | None = None):
         self.name, self.factory = name, factory
         self.max_in_flight, self.request_timeout_s, self.max_attempts = max_in_flight, request_timeout_s, max_attempts
         self.restart_budget, self.health_interval_s = restart_budget, health_interval_s
@@ -108,6 +118,7 @@ class ReplicaPool:
         self.stuck_after_s = stuck_after_s or 3 * request_timeout_s  # a call this old on a live replica: replace it
         self.hedge_quantile, self.hedge_factor = hedge_quantile, hedge_factor
         self.hedge_min_samples, self.hedge_floor_s = hedge_min_samples, hedge_floor_s
+        self.call_budget, self.deadline_s = call_budget, deadline_s
         self.latencies: dict[str, deque] = {}  # method → durations of its recent successful calls
         self.replicas: list[Replica] = []
         self.queue: deque[Request] = deque()
@@ -118,7 +129,8 @@ class ReplicaPool:
 
     # -- requests ---------------------------------------------------------------------------------
     def submit(self, request_id: str, method: str, *args, num_returns: int = 1) -> None:
-        self.queue.append(Request(request_id, method, args, num_returns))
+        deadline = time.time() + self.deadline_s if self.deadline_s is not None else None
+        self.queue.append(Request(request_id, method, args, num_returns, deadline=deadline))
         self._dispatch()
 
     def refs(self) -> list:
@@ -227,9 +239,14 @@ class ReplicaPool:
         method = getattr(replica.handle, req.method)
         if req.num_returns != 1:
             method = method.options(num_returns=req.num_returns)
-        out = method.remote(*req.args)
+        tries, kwargs = 1, {}
+        if self.call_budget:  # keep one try back for a re-issue elsewhere, unless this is that re-issue (a hedge)
+            left = self.max_attempts - req.attempts
+            tries = left if req.live > 0 or left == 1 else left - 1
+            kwargs["budget"] = CallBudget(tries, req.deadline)
+        out = method.remote(*req.args, **kwargs)
         refs = list(out) if req.num_returns != 1 else [out]
-        req.attempts, req.live = req.attempts + 1, req.live + 1
+        req.attempts, req.calls, req.live = req.attempts + tries, req.calls + 1, req.live + 1
         req.tried.add(replica.index)
         self.calls[refs[-1]] = Call(req, replica, refs, time.monotonic())
         replica.in_flight.add(refs[-1])
@@ -272,16 +289,26 @@ class ReplicaPool:
         req.last_error = error
         if req.done or req.live > 0:  # another copy may still deliver
             return []
-        if req.attempts >= self.max_attempts:
+        if req.attempts >= self.max_attempts or self._expired(req):
             req.done = True
             self.stats["failed_requests"] += 1
-            return [Completion(req.request_id, error=f"{self.name} request {req.request_id} failed {req.attempts} times; last: {error}")]
+            return [Completion(req.request_id, error=f"{self.name} request {req.request_id} failed {req.calls} times "
+                               f"({req.attempts} of {self.max_attempts} tries spent); last: {error}")]
         self.stats["requeued"] += 1
         self.queue.appendleft(req)
         return []
 
+    def _expired(self, req: Request) -> bool:
+        return req.deadline is not None and time.time() >= req.deadline
+
     def _check_deadlines(self) -> list[Completion]:
         now, out = time.monotonic(), []
+        for req in [*self.queue, *(c.request for c in self.calls.values())]:
+            if not req.done and self._expired(req):  # its budget of time is spent: give up on it, wherever it is
+                req.done = True
+                self.stats["deadline_expired"] += 1
+                out.append(Completion(req.request_id, error=f"{self.name} request {req.request_id} passed its deadline "
+                                      f"({self.deadline_s:g}s) after {req.calls} call(s); last: {req.last_error or 'still running'}"))
         for key, call in list(self.calls.items()):
             age, req = now - call.started, call.request
             limit = self.hedge_after(req.method)

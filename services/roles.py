@@ -3,6 +3,11 @@
 ``ResourcePlan.check`` compares the plan with the cluster's totals and nodes and raises one line that
 names the shortfall ("the plan needs 2.5 CPU (generator 2×0.5 + reward 1×0.5 + learner 1×1), the
 cluster has 2") instead of leaving an actor pending forever.
+
+With an autoscaler (``runtime.autoscaling``: node types with their resources and ``max_workers``), the
+check is made against the largest cluster the autoscaler can grow to: the nodes running now, each node
+type topped up to ``max_workers`` nodes. A plan that fits it is allowed (its actors wait for the new
+nodes, up to ``runtime.start_timeout_s``); one that does not is refused in one line.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from enum import Enum
 from typing import Any
 
 from drpo_core.config import RoleConfig, RuntimeConfig
+from drpo_core.runtime_config import NodeTypeConfig
 
 EPS = 1e-9
 
@@ -51,6 +57,31 @@ def _fits(bundle: dict[str, float], capacity: dict[str, float]) -> bool:
     return all(capacity.get(k, 0.0) + EPS >= v for k, v in bundle.items())
 
 
+def _is_type(node: dict[str, float], node_type: NodeTypeConfig) -> bool:
+    return all(abs(node.get(k, 0.0) - v) <= EPS for k, v in node_type.resources.items())
+
+
+def autoscaled_view(cluster: dict[str, float], nodes: list[dict[str, float]],
+                    node_types: dict[str, NodeTypeConfig]) -> tuple[dict[str, float], list[dict[str, float]]]:
+    """The largest cluster the autoscaler can grow ``nodes`` to: each node type topped up to ``max_workers``.
+
+    A running node counts toward the first type whose resources it advertises (the per-role custom resource
+    makes that unambiguous); nodes of no type (the head) stay as they are; nothing is ever taken away.
+    """
+    running = dict.fromkeys(node_types, 0)
+    for node in nodes:
+        name = next((t for t, nt in node_types.items() if _is_type(node, nt)), None)
+        if name is not None:
+            running[name] += 1
+    grown_cluster, grown_nodes = dict(cluster), list(nodes)
+    for name, nt in node_types.items():
+        extra = max(0, nt.max_workers - running[name])
+        grown_nodes += [dict(nt.resources)] * extra
+        for k, v in nt.resources.items():
+            grown_cluster[k] = grown_cluster.get(k, 0.0) + v * extra
+    return grown_cluster, grown_nodes
+
+
 @dataclass(frozen=True)
 class ResourcePlan:
     roles: dict[Role, RolePlan]
@@ -76,18 +107,30 @@ class ResourcePlan:
         parts = [f"{r.role.value} {r.replicas}×{_fmt(r.bundle[resource])}" for r in self.roles.values() if resource in r.bundle]
         return " + ".join(parts)
 
-    def check(self, cluster: dict[str, float], nodes: list[dict[str, float]] | None = None) -> None:
-        """Raise :class:`PlacementError` if ``cluster`` (``ray.cluster_resources()``) or its ``nodes`` cannot hold the plan."""
+    def check(self, cluster: dict[str, float], nodes: list[dict[str, float]] | None = None,
+              node_types: dict[str, NodeTypeConfig] | None = None) -> None:
+        """Raise :class:`PlacementError` if ``cluster`` (``ray.cluster_resources()``) or its ``nodes`` cannot hold the
+        plan, even once the autoscaler has added every node of ``node_types`` it may (``runtime.autoscaling``)."""
+        now = dict(cluster)
+        if node_types:
+            cluster, nodes = autoscaled_view(cluster, nodes or [], node_types)
         for resource, need in sorted(self.totals().items()):
             have = cluster.get(resource, 0.0)
             if need > have + EPS:
+                knob = f"num_{resource.lower()}s" if resource in ("CPU", "GPU") else "resources"
+                if node_types:
+                    has = f"{_fmt(now.get(resource, 0.0))} and its autoscaler can grow it to {_fmt(have)} (runtime.autoscaling)"
+                    more = "raise a node type's max_workers"
+                else:
+                    has, more = _fmt(have), "add nodes"
                 raise PlacementError(f"the plan needs {_fmt(need)} {resource} ({self.describe(resource)}), the cluster has "
-                                     f"{_fmt(have)}; lower runtime.<role>.replicas / num_{resource.lower()}s or add nodes")
+                                     f"{has}; lower runtime.<role>.replicas / {knob} or {more}")
         if nodes is None:
             return
         for role, bundle in self.bundles():
             if not any(_fits(bundle, n) for n in nodes):
-                raise PlacementError(f"no single node can hold one {role.value} replica {bundle}; the largest node has "
+                where = "no single node, and no node type the autoscaler can add," if node_types else "no single node"
+                raise PlacementError(f"{where} can hold one {role.value} replica {bundle}; the largest node has "
                                      f"{max(nodes, key=lambda n: n.get('CPU', 0.0)) if nodes else {}}")
         if self.placement == "STRICT_PACK" and not any(_fits(self.totals(), n) for n in nodes):
             raise PlacementError(f"placement STRICT_PACK needs one node with {self.totals()}; no node has that much")

@@ -42,7 +42,9 @@ def connect(cfg: DrpoConfig) -> bool:
     if address:  # an http:// dashboard address is what `ray job submit` takes; drivers join the GCS
         ray.init(address="auto" if address.startswith("http") else address)
         return True
-    ray.init(num_cpus=cfg.runtime.local_num_cpus, include_dashboard=False, log_to_driver=False)
+    # address="local": a new embedded cluster even when another one runs on this machine (without it ray.init
+    # joins that cluster through /tmp/ray/ray_current_cluster, and fails because num_cpus is set)
+    ray.init(address="local", num_cpus=cfg.runtime.local_num_cpus, include_dashboard=False, log_to_driver=False)
     return True
 
 
@@ -76,7 +78,7 @@ class RayRuntime:
     def start(cls, cfg: DrpoConfig, output_dir: Path, resume: Path | None = None, classes: RoleClasses | None = None) -> "RayRuntime":
         rt, classes = cfg.runtime, classes or RoleClasses()
         plan = ResourcePlan.from_config(rt, propagated_env())
-        plan.check(*cluster_view())
+        plan.check(*cluster_view(), node_types=rt.autoscaling)
         group, indices = plan.reserve(rt.start_timeout_s)
         remote = {role: ray.remote(concurrency_groups={**HEALTH_GROUP, **WEIGHTS_GROUP})(getattr(classes, role.value)) for role in Role}
         cfg_json = cfg.model_dump_json()
@@ -95,7 +97,11 @@ class RayRuntime:
                                restart_budget=rt.replica_restart_budget, health_interval_s=rt.health_check_interval_s,
                                health_timeout_s=max(30.0, 3 * rt.health_check_interval_s), start_timeout_s=rt.start_timeout_s,
                                hedge_quantile=rt.hedge_quantile, hedge_factor=rt.hedge_factor,
-                               hedge_min_samples=rt.hedge_min_samples, hedge_floor_s=rt.hedge_floor_s)
+                               hedge_min_samples=rt.hedge_min_samples, hedge_floor_s=rt.hedge_floor_s,
+                               # a score request has one budget for every layer (drpo_core/rewards/budget.py)
+                               call_budget=role is Role.REWARD,
+                               deadline_s=(rt.request_deadline_s or rt.max_attempts * rt.request_timeout_s)
+                               if role is Role.REWARD else None)
 
         self = cls(cfg, plan, None, None, None, Path(output_dir), str(resume) if resume else None, classes, group,
                    indices.get(Role.LEARNER) or [None] * rt.learner.replicas, remote)

@@ -5,7 +5,8 @@
   is an error instead of being pruned silently.
 * :func:`kuberay_errors` — the rules KubeRay's webhook/controller enforce and the CRD cannot express
   (``ray-operator/controllers/ray/utils/validation.go``, the RayCluster webhook): name length and DNS-1035,
-  RayJob needs ``rayClusterSpec`` or ``clusterSelector``, ≥ 1 container per group, 0 ≤ min ≤ max, no
+  RayJob needs ``rayClusterSpec`` or ``clusterSelector``, ≥ 1 container per group, 0 ≤ min ≤ max, with the
+  autoscaler no suspended group and (v2) restartPolicy Never or unset, no
   resources in both ``rayStartParams`` and ``resources``, TTL only with ``shutdownAfterJobFinishes``...
 * :func:`promql_metric_names` — the metric names a PromQL expression reads.
 * :func:`ray_nodes` — the Ray resources each pod of a RayCluster spec will advertise, the way the operator
@@ -93,6 +94,13 @@ def cluster_spec_errors(spec: dict, where: str = "spec") -> list[str]:
             errors.append(f"{at}: minReplicas {lo} > maxReplicas {hi}")
         if n is not None and not lo <= n <= hi:
             errors.append(f"{at}: replicas {n} outside [minReplicas {lo}, maxReplicas {hi}]")
+        if spec.get("enableInTreeAutoscaling") and group.get("suspend"):
+            errors.append(f"{at}: a worker group cannot be suspended with the autoscaler enabled")
+    if spec.get("enableInTreeAutoscaling") and (spec.get("autoscalerOptions") or {}).get("version") == "v2":
+        for i, g in enumerate([spec.get("headGroupSpec", {}), *spec.get("workerGroupSpecs", [])]):
+            if g.get("template", {}).get("spec", {}).get("restartPolicy", "Never") != "Never":
+                errors.append(f"{where}: restartPolicy of {g.get('groupName', 'the head')} should be Never or unset "
+                              "with autoscaler v2")
     return errors
 
 

@@ -101,12 +101,15 @@ CLUSTER_BREAKS = {
     "misspelt field": (lambda d: group(d, 1).update(maxReplica=2), "Additional properties are not allowed"),
     "containerPort as a string": (lambda d: container(d["spec"]["headGroupSpec"])["ports"][0].update(containerPort="6379"),
                                   "is not of type 'integer'"),
-    "min above max": (lambda d: group(d, 0).update(minReplicas=5), "minReplicas 5 > maxReplicas 4"),
+    "min above max": (lambda d: group(d, 0).update(minReplicas=9), "minReplicas 9 > maxReplicas 8"),
     "no container": (lambda d: group(d, 2)["template"]["spec"].update(containers=[]), "at least one container"),
     "resources twice": (lambda d: group(d, 0)["rayStartParams"].update({"num-gpus": "1"}),
                         "both rayStartParams and resources"),
     "duplicate group": (lambda d: group(d, 1).update(groupName="generator"), "group names must be unique"),
     "name not DNS-1035": (lambda d: d["metadata"].update(name="DrPO_cluster"), "not a DNS-1035 label"),
+    "unknown upscaling mode": (lambda d: d["spec"]["autoscalerOptions"].update(upscalingMode="Fast"), "is not one of"),
+    "restartPolicy Always with autoscaler v2": (lambda d: group(d, 0)["template"]["spec"].update(restartPolicy="Always"),
+                                                "restartPolicy of generator should be Never or unset"),
 }
 JOB_BREAKS = {
     "neither rayClusterSpec nor clusterSelector": (lambda d: d["spec"].pop("rayClusterSpec"),
@@ -149,6 +152,8 @@ def test_gpu_groups_request_gpus_tolerate_the_gpu_taint_and_each_role_has_its_ow
     for name, g in groups.items():
         assert int(container(g)["resources"]["limits"]["nvidia.com/gpu"]) >= 1, name
         assert gpu_toleration in g["template"]["spec"]["tolerations"], name
+        assert g["template"]["spec"]["nodeSelector"]["nvidia.com/gpu.product"], f"{name}: no GPU type selected"
+        assert g["minReplicas"] <= g["replicas"] <= g["maxReplicas"] and g["maxReplicas"] > g["minReplicas"], name
         assert set(g["resources"]) == {name}, f"{name} must advertise only its own custom resource"
         assert {"name": "metrics", "containerPort": 8080} in container(g)["ports"]
     assert "nvidia.com/gpu" not in container(spec["headGroupSpec"])["resources"]["limits"]
@@ -183,17 +188,35 @@ def test_ray_job_mounts_the_configmap_where_its_entrypoint_reads_the_config():
         assert path[len(mounts[0]["mountPath"].rstrip("/")) + 1:] in configmap["data"]
 
 
+def test_the_cluster_autoscales_and_the_config_lists_exactly_what_its_autoscaler_can_add(tmp_path):
+    """runtime.autoscaling (what the plan check counts) == every worker group: its pods' Ray resources, maxReplicas."""
+    spec = one("ray-job.drpo-train.yaml", "RayJob")["spec"]["rayClusterSpec"]
+    assert spec["enableInTreeAutoscaling"] is True and spec["autoscalerOptions"]["version"] == "v2"
+    cfg = load_config([configmap_config(tmp_path)])
+    declared = {name: (nt.resources, nt.max_workers) for name, nt in cfg.runtime.autoscaling.items()}
+    assert declared == {g["groupName"]: (ray_nodes({"headGroupSpec": g})[0], g["maxReplicas"]) for g in spec["workerGroupSpecs"]}
+    learner, pod = cfg.runtime.learner, declared["learner"][0]
+    assert learner.replicas > 1 and pod["GPU"] > 1, "the learner is data parallel across the GPUs of a multi-GPU pod"
+    assert learner.replicas * learner.num_gpus <= pod["GPU"] and learner.replicas * learner.resources["learner"] <= pod["learner"]
+
+
 @pytest.mark.parametrize("layers", [["config.yaml"], ["config.yaml", "reward-http.yaml"]])
-def test_the_config_resource_plan_fits_the_cluster_pods_and_one_more_replica_does_not(tmp_path, layers):
+def test_the_config_plan_needs_the_autoscaler_fits_what_it_can_add_and_no_more(tmp_path, layers):
     cfg = load_config([configmap_config(tmp_path, key) for key in layers])
-    nodes = ray_nodes(one("ray-job.drpo-train.yaml", "RayJob")["spec"]["rayClusterSpec"])
+    nodes = ray_nodes(one("ray-job.drpo-train.yaml", "RayJob")["spec"]["rayClusterSpec"])  # the pods that start
     totals = {k: sum(n.get(k, 0.0) for n in nodes) for n in nodes for k in n}
-    ResourcePlan.from_config(cfg.runtime).check(totals, nodes)
     assert nodes[0]["CPU"] == 0, "the head runs the controller and no actors"
-    generator = cfg.runtime.generator
-    grown = cfg.runtime.model_copy(update={"generator": generator.model_copy(update={"replicas": generator.replicas + 1})})
-    with pytest.raises(PlacementError, match="generator"):
-        ResourcePlan.from_config(grown).check(totals, nodes)
+    plan = ResourcePlan.from_config(cfg.runtime)
+    with pytest.raises(PlacementError, match="generator"):  # more generators than pods start with...
+        plan.check(totals, nodes)
+    plan.check(totals, nodes, cfg.runtime.autoscaling)  # ...which the autoscaler adds
+    rt, most = cfg.runtime, cfg.runtime.autoscaling["generator"].max_workers
+    grown = rt.model_copy(update={"generator": rt.generator.model_copy(update={"replicas": most + 1})})
+    with pytest.raises(PlacementError, match=rf"needs {most + 1} generator .* can grow it to {most} \(runtime.autoscaling\)"):
+        ResourcePlan.from_config(grown).check(totals, nodes, rt.autoscaling)
+    wide = rt.model_copy(update={"learner": rt.learner.model_copy(update={"replicas": 1, "num_gpus": 8})})
+    with pytest.raises(PlacementError, match="no node type the autoscaler can add, can hold one learner replica"):
+        ResourcePlan.from_config(wide).check(totals, nodes, rt.autoscaling)
 
 
 def test_metrics_ports_and_thresholds_agree_across_files(tmp_path):

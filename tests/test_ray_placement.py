@@ -43,3 +43,18 @@ def test_gpu_role_without_cuda_fails_at_start_and_gpu_less_roles_see_no_gpu(ray_
         assert info["cuda_visible_devices"] == "" and info["device"] == "cpu" and info["dtype"] == "float32"
     finally:
         ray_cluster.remove_node(node)
+
+
+def test_an_embedded_cluster_starts_even_when_another_cluster_runs_on_the_machine(ray_cluster):
+    """`drpo train` without an address starts its own cluster; with another one up here (this session's), a
+    plain ray.init(num_cpus=...) would join that one and fail ("num_cpus ... must not be provided")."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import ray; from drpo_core.config import load_config; from services.runtime import connect; "
+            "assert connect(load_config([], ['runtime.local_num_cpus=1'])); print('CPU', ray.cluster_resources()['CPU'])")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=180,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 0 and "CPU 1.0" in out.stdout, out.stderr[-2000:]

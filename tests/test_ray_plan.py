@@ -69,7 +69,7 @@ def test_actor_options_carry_resources_budgets_and_environment():
     reward = p.actor_options(Role.REWARD)
     assert reward["num_cpus"] == 0.25 and reward["resources"] == {"reward_gpu": 1.0}
     # a role without GPUs sees none (Ray 2.60 leaves CUDA_VISIBLE_DEVICES alone for num_gpus=0)
-    assert reward["max_task_retries"] == 1
+    assert reward["max_task_retries"] == 0  # the pool owns the retries of pooled calls (one budget)
     assert reward["runtime_env"]["env_vars"] == {"HF_HUB_OFFLINE": "1", "A": "1", "CUDA_VISIBLE_DEVICES": ""}
     assert p.actor_options(Role.GENERATOR)["scheduling_strategy"] == "SPREAD"
     assert p.actor_options(Role.LEARNER)["max_task_retries"] == 0

@@ -1,7 +1,7 @@
 """``GrpcReward``: the reward protocol over ``drpo.reward.v1.RewardService`` (kind "grpc", url = host:port).
 
 Same batching, concurrency, missing-score accounting and ``pop_stats`` as the HTTP client (both are a
-:class:`drpo_core.rewards.http.RemoteReward`). Each call carries a gRPC deadline of ``timeout_s``; only
+:class:`drpo_core.rewards.remote.RemoteReward`). Each call carries a gRPC deadline of ``timeout_s``; only
 UNAVAILABLE, DEADLINE_EXCEEDED and RESOURCE_EXHAUSTED are retried (``max_retries`` times, exponential
 back-off). UNAUTHENTICATED, INVALID_ARGUMENT, INTERNAL and the rest are deterministic and are not.
 """
