@@ -100,6 +100,7 @@ def training_stats(step: int, scores: dict[str, torch.Tensor], client_stats: dic
         "runtime/duplicates_dropped": float(step // 5),
         "runtime/missing_groups": float(step // 4), "runtime/staleness_fallbacks": float(step // 6),
         "runtime/learner_restarts": float(step // 10),
+        "runtime/weight_sync_epochs": 1.0 + step // 12, "runtime/weight_sync_failures": float(step // 12),
         "pool/generator/replicas": 4.0, "pool/reward/replicas": 2.0 - (step % 5 == 0),
         "pool/generator/restarts": float(step // 7), "pool/reward/restarts": float(step // 4),
         "pool/generator/timeouts": float(step // 9), "pool/reward/timeouts": float(step // 5),
