@@ -8,15 +8,17 @@ Two stages, both on renders drawn fresh from the world every step (no dataset on
    ``CLIPTextModel`` trained jointly as a one-step generator ``x = G(ε, c)`` exactly as
    :class:`drpo_core.models.generator.OneStepGenerator` runs it (t = 999, v-prediction conversion), with
    the Drifting Models objective (arXiv 2602.04770) and the project's drift field: per prompt, the K
-   generated latents are drifted toward K fresh renders of that prompt (encoded, positives) and away
-   from themselves (the generated batch as negatives, self-masked), in a frozen feature space φ:
+   generated latents are drifted toward K renders of that prompt (from an encoded pool, positives) and
+   away from themselves (the generated batch as negatives, self-masked), in a frozen feature space φ:
 
        L = mean_prompts Σ_keys drift_loss(φ_key(G(ε, c)), φ_key(E(render(c))), ∅)
 
-   φ (:class:`ToyFeatures`): the raw latent, its 2×2-pooled map, and a frozen random conv net on the
-   latent (3×3 conv 4→32, ReLU; stride-2 3×3 conv 32→64, ReLU) summarised by per-channel mean, std and
-   2×2-pooled mean/std maps — 10 point sets. Translation-invariant statistics are what let the field
+   φ (:class:`ToyPhi`, ``feature_space``): ``"latent"`` = :class:`LatentFeatures` (raw latent, 2×2 pool,
+   statistics of a random conv net on the latent; 10 point sets); ``"latent+pixel"`` (default) adds
+   :class:`PixelFeatures` on the decoded image (statistics of a random conv net on pixels, which see edge
+   orientation and corners, i.e. shape; 12 more). Translation-invariant statistics are what let the field
    match objects whose positions are random (raw-latent distances alone mostly measure position).
+   Stage 2 runs a fixed number of steps, so the result does not depend on the machine's load.
 
 The result is a stock ``StableDiffusionPipeline`` folder (safetensors, fp16 weights, the project's
 offline CLIP tokenizer, an Euler "trailing" v-prediction scheduler) that ``model.path`` loads.
