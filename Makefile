@@ -31,7 +31,8 @@ sysdeps:
 # (docs/toyworld.md) aligned with DrPO on the GenEval reward over the classical detector, then base and final
 # policy scored on held-out prompts × held-out seeds (GenEval per task) and the paired, prompt-clustered gains
 # printed. In-process (--local): on 2 cores the Ray runtime adds start-up and ~7 % per step for nothing here
-# (README); `make demo-hue` runs the previous default through Ray.
+# (README); `make demo-hue` runs the previous default through Ray. One thread unless OMP_NUM_THREADS says otherwise:
+# on a busy 2-core box two OpenMP threads ran these small models ~20x slower (threads waiting on a taken core).
 DEMO_SEEDS ?= 0-15
 demo: install
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(VENV)/bin/drpo train --local --config deploy/configs/toy.yaml --output-dir $(RUN_DIR)
