@@ -219,9 +219,11 @@ def save_pipeline(folder: Path, unet, vae, text_encoder, tokenizer, scheduler, d
 def pretrain_toy(output: str | Path, settings: PretrainSettings = PretrainSettings(),
                  log: Callable[[dict], None] = print) -> dict:
     """Train the toy base and save it to ``output``; returns a summary (steps, seconds, settings)."""
+    s = settings
+    if s.feature_space not in ("latent", "latent+pixel"):  # before any compute
+        raise ValueError(f"feature_space {s.feature_space!r}: expected 'latent' or 'latent+pixel'")
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
-    s = settings
     torch.manual_seed(s.seed)
     unet, vae, text_encoder, tokenizer, scheduler = build_toy_models(s.seed)
     t0 = time.time()
@@ -231,8 +233,6 @@ def pretrain_toy(output: str | Path, settings: PretrainSettings = PretrainSettin
 
     gen = ToyOneStep(unet, text_encoder, tokenizer, scheduler)
     pixel = s.feature_space == "latent+pixel"
-    if s.feature_space not in ("latent", "latent+pixel"):
-        raise ValueError(f"feature_space {s.feature_space!r}: expected 'latent' or 'latent+pixel'")
     features = ToyPhi(s.seed, decoder=vae if pixel else None)
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=s.lr)
