@@ -74,10 +74,11 @@ class LoraConfig(Section):
 class FeaturesConfig(Section):
     """The frozen feature encoder φ (drpo-method.md §1.6.4). Fields apply to the kinds their descriptions name."""
 
-    kind: Literal["latent_resnet", "latent_mae", "unet_hidden", "dinov2", "vit_mae"] = Field(
+    kind: Literal["latent_resnet", "latent_mae", "unet_hidden", "dinov2", "vit_mae", "random_pixel"] = Field(
         "latent_resnet", description="latent_resnet: our SiLU ResNet on latents (optionally norm-free; the tuned tiny "
         "default); latent_mae: the official latent-MAE encoder (ReLU, GroupNorm, official checkpoint layout); "
-        "unet_hidden: frozen base-UNet hidden states; dinov2 / vit_mae: pixel ViT on VAE-decoded images")
+        "unet_hidden: frozen base-UNet hidden states; dinov2 / vit_mae: pixel ViT on VAE-decoded images; random_pixel: "
+        "frozen random-conv statistics of VAE-decoded images (no weights; the shapes world)")
     width: int = Field(32, gt=0, description="latent_resnet / latent_mae without checkpoint: width C of the first stage")
     stage_blocks: list[int] = Field([1, 1], min_length=1, description="latent_resnet / latent_mae without checkpoint: "
                                     "blocks per stage ([3,4,6,3] = latent-MAE)")
@@ -91,7 +92,7 @@ class FeaturesConfig(Section):
     patch_sizes: list[int] = Field([2, 4], description="p×p patch mean/std keys besides the global ones")
     checkpoint: str | None = Field(None, description="latent_resnet: safetensors state dict; latent_mae: the official "
                                    ".pth (or .safetensors with its keys); None keeps the seeded random init")
-    seed: int = Field(1234, description="latent_resnet: random init; unet_hidden: the fixed noise added to the latent")
+    seed: int = Field(1234, description="latent_resnet / random_pixel: random init; unet_hidden: the fixed noise added to the latent")
     path: str | None = Field(None, description="dinov2 / vit_mae: hub id or local folder (default facebook/dinov2-base, "
                              "facebook/vit-mae-base)")
     layers: list[str] | list[int] | None = Field(None, description="unet_hidden: UNet module names (default: last down "

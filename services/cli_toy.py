@@ -10,9 +10,11 @@ import typer
 
 def pretrain_toy_command(
     output: Path = typer.Option(..., "--output", "-o", help="folder for the diffusers pipeline (created; must be empty or new)"),
-    steps: int = typer.Option(20000, "--steps", min=1, help="generator steps (stage 2)"),
+    steps: int = typer.Option(800, "--steps", min=1, help="generator steps (stage 2; the committed base: 800)"),
     vae_steps: int = typer.Option(500, "--vae-steps", min=1, help="autoencoder steps (stage 1)"),
     max_minutes: float = typer.Option(0.0, "--max-minutes", min=0.0, help="stop stage 2 after this wall time (0 = no limit)"),
+    feature_space: str = typer.Option("latent+pixel", "--feature-space",
+                                      help="frozen φ of the drift loss: latent+pixel (the committed base) or latent"),
     pool_per_prompt: int = typer.Option(96, "--pool-per-prompt", min=1, help="encoded renders per training prompt"),
     checkpoint_every: int = typer.Option(0, "--checkpoint-every", min=0, help="also save OUTPUT/checkpoints/step-N every N steps"),
     seed: int = typer.Option(0, "--seed"),
@@ -24,7 +26,9 @@ def pretrain_toy_command(
 
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
         fail(f"--output {output} exists and is not an empty folder; choose a new one (nothing is overwritten)")
-    settings = PretrainSettings(steps=steps, vae_steps=vae_steps, max_minutes=max_minutes, seed=seed,
+    if feature_space not in ("latent", "latent+pixel"):
+        fail(f"--feature-space {feature_space!r}: expected 'latent+pixel' or 'latent'")
+    settings = PretrainSettings(steps=steps, feature_space=feature_space, vae_steps=vae_steps, max_minutes=max_minutes, seed=seed,
                                 pool_per_prompt=pool_per_prompt, checkpoint_every=checkpoint_every, log_every=log_every)
     output.mkdir(parents=True, exist_ok=True)
     log_file = (output / "pretrain_log.jsonl").open("a")

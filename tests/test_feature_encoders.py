@@ -11,12 +11,13 @@ from drpo_core.models.generator import load_generator
 from drpo_core.features.latent_checkpoint import to_model_key
 from drpo_core.models.tiny_models import tiny_pixel_encoder_path
 
-KINDS = ["latent_resnet", "unet_hidden", "dinov2", "vit_mae"]
+KINDS = ["latent_resnet", "unet_hidden", "dinov2", "vit_mae", "random_pixel"]
 EXPECTED_KEYS = {  # the multi-scale keys of each kind on the tiny models (32 px, 4×8×8 latents)
     "latent_resnet": {"layer2_mean", "layer2_std", "layer2_mean_2", "layer2_std_2", "layer2_mean_4", "layer2_std_4"},
     "unet_hidden": {"down1_pool4", "mid_pool4", "up0_pool4", "mid_mean", "mid_std", "up0_mean_2", "up0_std_4"},
     "dinov2": {"layer1_cls", "layer4_patch_mean", "layer4_patch_std"},  # official: 3 keys per layer
     "vit_mae": {"layer2_cls", "layer2_patch_mean", "layer2_patch_std"},
+    "random_pixel": {"pix1_mean", "pix1_std_4", "pix2_mean_2", "pix3_mean", "pix3_std", "pix3_std_4"},
 }
 
 

@@ -139,3 +139,9 @@ def test_compare_pairs_cells_and_clusters_by_prompt(tmp_path):
     assert shown.exit_code == 0 and f"{want.gain:+8.4f}" in shown.output
     (tmp_path / "c.json").write_text(json.dumps(record(b_tab, [7, 8], range(6))))
     assert runner.invoke(app, ["eval", "compare", str(tmp_path / "a.json"), str(tmp_path / "c.json")]).exit_code == 2
+
+
+def test_pretrain_toy_rejects_an_unknown_feature_space(tmp_path):
+    result = runner.invoke(app, ["pretrain-toy", "--output", str(tmp_path / "out"), "--feature-space", "pixels"])
+    assert result.exit_code == 2
+    assert "--feature-space 'pixels'" in result.output and not (tmp_path / "out").exists()

@@ -30,6 +30,10 @@ def build_encoder(cfg, in_channels: int, device: torch.device, generator=None) -
         return build_latent_mae(cfg, in_channels).to(device)
     if generator is None:
         raise ValueError(f"features.kind {cfg.kind!r} runs on the generator's own modules; pass generator=")
+    if cfg.kind == "random_pixel":
+        from drpo_core.features.random_pixel import RandomPixelEncoder
+
+        return RandomPixelEncoder(generator, seed=cfg.seed, patch_sizes=tuple(cfg.patch_sizes))
     if cfg.kind == "unet_hidden":
         from drpo_core.features.unet import UnetHiddenEncoder
 

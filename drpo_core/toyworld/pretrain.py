@@ -8,15 +8,17 @@ Two stages, both on renders drawn fresh from the world every step (no dataset on
    ``CLIPTextModel`` trained jointly as a one-step generator ``x = G(ε, c)`` exactly as
    :class:`drpo_core.models.generator.OneStepGenerator` runs it (t = 999, v-prediction conversion), with
    the Drifting Models objective (arXiv 2602.04770) and the project's drift field: per prompt, the K
-   generated latents are drifted toward K fresh renders of that prompt (encoded, positives) and away
-   from themselves (the generated batch as negatives, self-masked), in a frozen feature space φ:
+   generated latents are drifted toward K renders of that prompt (from an encoded pool, positives) and
+   away from themselves (the generated batch as negatives, self-masked), in a frozen feature space φ:
 
        L = mean_prompts Σ_keys drift_loss(φ_key(G(ε, c)), φ_key(E(render(c))), ∅)
 
-   φ (:class:`ToyFeatures`): the raw latent, its 2×2-pooled map, and a frozen random conv net on the
-   latent (3×3 conv 4→32, ReLU; stride-2 3×3 conv 32→64, ReLU) summarised by per-channel mean, std and
-   2×2-pooled mean/std maps — 10 point sets. Translation-invariant statistics are what let the field
+   φ (:class:`ToyPhi`, ``feature_space``): ``"latent"`` = :class:`LatentFeatures` (raw latent, 2×2 pool,
+   statistics of a random conv net on the latent; 10 point sets); ``"latent+pixel"`` (default) adds
+   :class:`PixelFeatures` on the decoded image (statistics of a random conv net on pixels, which see edge
+   orientation and corners, i.e. shape; 12 more). Translation-invariant statistics are what let the field
    match objects whose positions are random (raw-latent distances alone mostly measure position).
+   Stage 2 runs a fixed number of steps, so the result does not depend on the machine's load.
 
 The result is a stock ``StableDiffusionPipeline`` folder (safetensors, fp16 weights, the project's
 offline CLIP tokenizer, an Euler "trailing" v-prediction scheduler) that ``model.path`` loads.
@@ -36,6 +38,7 @@ from torch.nn import functional as F
 
 from drpo_core.algorithms.drift import drift_loss
 from drpo_core.toyworld.prompts import ToyPrompt, pretraining_sampler, toy_prompts
+from drpo_core.toyworld.toy_features import LatentFeatures, PixelFeatures
 from drpo_core.toyworld.world import SIZE, render
 
 TIMESTEP = 999
@@ -45,7 +48,7 @@ TIMESTEP = 999
 class PretrainSettings:
     """Knobs of :func:`pretrain_toy` (defaults: the committed base)."""
 
-    steps: int = 6000  # generator steps (stage 2)
+    steps: int = 800  # generator steps (stage 2)
     vae_steps: int = 500  # autoencoder steps (stage 1)
     vae_batch: int = 32
     vae_lr: float = 1e-3
@@ -55,6 +58,7 @@ class PretrainSettings:
     lr: float = 5e-4
     grad_clip: float = 1.0
     radii: tuple[float, ...] = (0.02, 0.05, 0.2)
+    feature_space: str = "latent+pixel"  # "latent" (the first base) or "latent+pixel" (toy_features.py)
     seed: int = 0
     max_minutes: float = 0.0  # stop stage 2 early after this wall time (0 = no limit)
     log_every: int = 50
@@ -74,31 +78,6 @@ def build_toy_models(seed: int = 0):
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = CLIPTokenizer.from_pretrained(write_clip_tokenizer(Path(tmp)))
     return unet, vae, text_encoder, tokenizer, scheduler
-
-
-class ToyFeatures(nn.Module):
-    """Frozen φ over latents `[N, 4, 8, 8]` → ``{key: [N, D_key]}`` (10 keys, see the module docstring)."""
-
-    def __init__(self, seed: int = 0, in_channels: int = 4):
-        super().__init__()
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            self.conv1 = nn.Conv2d(in_channels, 32, 3, 1, 1)
-            self.conv2 = nn.Conv2d(32, 64, 3, 2, 1)
-        self.requires_grad_(False).eval()
-
-    @staticmethod
-    def _stats(h: torch.Tensor, name: str) -> dict[str, torch.Tensor]:
-        mean = F.adaptive_avg_pool2d(h, 2)
-        var = (F.adaptive_avg_pool2d(h * h, 2) - mean * mean).clamp_min(0)
-        return {f"{name}_mean": h.mean((2, 3)), f"{name}_std": (h.var((2, 3), unbiased=False) + 1e-6).sqrt(),
-                f"{name}_mean_2x2": mean.flatten(1), f"{name}_std_2x2": (var + 1e-6).sqrt().flatten(1)}
-
-    def forward(self, latents: torch.Tensor) -> dict[str, torch.Tensor]:
-        h1 = F.relu(self.conv1(latents.float()))
-        h2 = F.relu(self.conv2(h1))
-        return {"latent": latents.flatten(1), "latent_2x2": F.adaptive_avg_pool2d(latents, 2).flatten(1),
-                **self._stats(h1, "conv1"), **self._stats(h2, "conv2")}
 
 
 def render_batch(prompts: list[ToyPrompt], seeds: list[int]) -> torch.Tensor:
@@ -157,24 +136,50 @@ class PositivePool:
     over fresh renders cost as much as the UNet forward per step, and the world's scene distribution is
     well covered by ~100 random layouts per prompt."""
 
-    def __init__(self, prompts, per_prompt: int, vae, batch: int = 128):
+    def __init__(self, prompts, per_prompt: int, vae, batch: int = 128, decoded: bool = False):
         self.index = {p.text: i for i, p in enumerate(prompts)}
         pairs = [(p, s) for p in prompts for s in range(per_prompt)]
-        latents = []
+        latents, pixels = [], []
         with torch.no_grad():
             for i in range(0, len(pairs), batch):
                 chunk = pairs[i:i + batch]
                 images = render_batch([p for p, _ in chunk], [s for _, s in chunk])
-                latents.append(vae.encode(images * 2 - 1).latent_dist.mean * vae.config.scaling_factor)
+                z = vae.encode(images * 2 - 1).latent_dist.mean
+                latents.append(z * vae.config.scaling_factor)
+                if decoded:  # what the decoder makes of the render: a target the generator can reach
+                    pixels.append(vae.decode(z).sample.half())
         self.latents = torch.cat(latents).reshape(len(prompts), per_prompt, *latents[0].shape[1:])
+        self.pixels = torch.cat(pixels).reshape(len(prompts), per_prompt, 3, SIZE, SIZE) if decoded else None
 
-    def draw(self, prompts: list[ToyPrompt], k: int, gen: torch.Generator) -> torch.Tensor:
-        """`[B·K, 4, h, w]`: k distinct pooled latents of each prompt."""
-        rows = [self.latents[self.index[p.text]][torch.randperm(self.latents.shape[1], generator=gen)[:k]] for p in prompts]
-        return torch.cat(rows)
+    def draw(self, prompts: list[ToyPrompt], k: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Latents `[B·K, 4, h, w]` (and decoded images `[B·K, 3, 32, 32]` if kept) of k distinct pool entries
+        per prompt."""
+        picks = [(self.index[p.text], torch.randperm(self.latents.shape[1], generator=gen)[:k]) for p in prompts]
+        latents = torch.cat([self.latents[i][j] for i, j in picks])
+        pixels = None if self.pixels is None else torch.cat([self.pixels[i][j] for i, j in picks]).float()
+        return latents, pixels
 
 
-def generator_loss(gen: ToyOneStep, features: ToyFeatures, pool: PositivePool, prompts: list[ToyPrompt], k: int,
+class ToyPhi(nn.Module):
+    """φ of a generated/positive batch: :class:`LatentFeatures` on the latent, plus :class:`PixelFeatures` on
+    the decoded image when ``decoder`` is given (the frozen VAE; gradients flow through it to the latent)."""
+
+    def __init__(self, seed: int, decoder=None):
+        super().__init__()
+        self.latent = LatentFeatures(seed)
+        self.pixel = PixelFeatures(seed + 1) if decoder is not None else None
+        self.decoder = decoder
+
+    def forward(self, latents: torch.Tensor, pixels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        out = self.latent(latents)
+        if self.pixel is not None:
+            if pixels is None:
+                pixels = self.decoder.decode(latents / self.decoder.config.scaling_factor).sample
+            out.update(self.pixel(pixels))
+        return out
+
+
+def generator_loss(gen: ToyOneStep, features: ToyPhi, pool: PositivePool, prompts: list[ToyPrompt], k: int,
                    radii, noise_gen: torch.Generator) -> tuple[torch.Tensor, dict]:
     """Drifting loss of one step (mean over prompts of the per-key drift losses)."""
     texts = [p.text for p in prompts]
@@ -182,7 +187,7 @@ def generator_loss(gen: ToyOneStep, features: ToyFeatures, pool: PositivePool, p
     noise = torch.randn((len(prompts) * k, 4, SIZE // 4, SIZE // 4), generator=noise_gen)
     x = gen(noise, hidden.repeat_interleave(k, dim=0))  # [B·K, 4, 8, 8]
     with torch.no_grad():
-        pos_feats = features(pool.draw(prompts, k, noise_gen))
+        pos_feats = features(*pool.draw(prompts, k, noise_gen))
     feats = features(x)
     loss, stats = x.new_zeros(()), {"drift_norm": 0.0}
     for key, f in feats.items():
@@ -214,9 +219,11 @@ def save_pipeline(folder: Path, unet, vae, text_encoder, tokenizer, scheduler, d
 def pretrain_toy(output: str | Path, settings: PretrainSettings = PretrainSettings(),
                  log: Callable[[dict], None] = print) -> dict:
     """Train the toy base and save it to ``output``; returns a summary (steps, seconds, settings)."""
+    s = settings
+    if s.feature_space not in ("latent", "latent+pixel"):  # before any compute
+        raise ValueError(f"feature_space {s.feature_space!r}: expected 'latent' or 'latent+pixel'")
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
-    s = settings
     torch.manual_seed(s.seed)
     unet, vae, text_encoder, tokenizer, scheduler = build_toy_models(s.seed)
     t0 = time.time()
@@ -225,11 +232,12 @@ def pretrain_toy(output: str | Path, settings: PretrainSettings = PretrainSettin
     vae_seconds = time.time() - t0
 
     gen = ToyOneStep(unet, text_encoder, tokenizer, scheduler)
-    features = ToyFeatures(s.seed)
+    pixel = s.feature_space == "latent+pixel"
+    features = ToyPhi(s.seed, decoder=vae if pixel else None)
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=s.lr)
     draw = pretraining_sampler(s.seed)
-    pool = PositivePool(toy_prompts("train"), s.pool_per_prompt, vae)
+    pool = PositivePool(toy_prompts("train"), s.pool_per_prompt, vae, decoded=pixel)
     log({"stage": "pool", "renders": int(pool.latents.shape[0] * pool.latents.shape[1]), "seconds": round(time.time() - t0 - vae_seconds, 1)})
     noise_gen = torch.Generator().manual_seed(s.seed)
     unet.train(), text_encoder.train()
