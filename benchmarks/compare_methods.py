@@ -82,21 +82,36 @@ def summarise(runs: list[dict]) -> dict:
             "gain_over_seeds": spread_over_runs([r["gain"] for r in runs]), "n_prompts": gain.n_prompts, "n_cells": gain.n}
 
 
+def versus_first(runs: list[dict], methods: list[str]) -> dict[str, dict]:
+    """first method − each other method, policy reward on the same held-out (prompt, eval seed) cells, the i-th
+    training run of one paired with the i-th of the other; mean ± prompt-clustered SE."""
+    mine = {m: [r for r in runs if r["method"] == m] for m in methods}
+    out = {}
+    for m in methods[1:]:
+        n = min(len(mine[methods[0]]), len(mine[m]))
+        diff = torch.cat([a["policy"] - b["policy"] for a, b in zip(mine[methods[0]][:n], mine[m][:n])], dim=1)
+        c = clustered_mean(diff)
+        out[m] = {"mean": c.mean, "se": c.se}
+    return out
+
+
 def fmt(x: float, se: float | None = None) -> str:
     return f"{x:+.4f}" + (f" ± {se:.4f}" if se is not None and se == se else "")
 
 
 def table(summary: dict[str, dict], header: str) -> str:
     first = next(iter(summary.values()))
+    name = next(iter(summary))
     lines = [header, "", "| method | lr | reward | gain ± SE (prompt-clustered) | gain over training seeds (mean, min..max) | "
-             "distance to base ± SE | diversity |", "|---|---|---|---|---|---|---|",
-             f"| base | | {first['base_mean']:.4f} | 0 | | 0 | {first['base_diversity']:.4f} |"]
+             f"distance to base ± SE | diversity | {name} − method ± SE (same cells) |", "|---|---|---|---|---|---|---|---|",
+             f"| base | | {first['base_mean']:.4f} | 0 | | 0 | {first['base_diversity']:.4f} | {fmt(first['gain'], first['gain_se'])} |"]
     for method, s in summary.items():
+        vs = fmt(s["versus_first"]["mean"], s["versus_first"]["se"]) if "versus_first" in s else ""
         spread = s["gain_over_seeds"]
         lr = " ".join(f"{x:g}" for x in s.get("lr", []))
         lines.append(f"| {method} | {lr} | {s['policy_mean']:.4f} | {fmt(s['gain'], s['gain_se'])} | {spread['mean']:+.4f} "
                      f"({spread['min']:+.4f}..{spread['max']:+.4f}, n={spread['n']}) | {s['distance']:.4f} ± {s['distance_se']:.4f} | "
-                     f"{s['diversity']:.4f} |")
+                     f"{s['diversity']:.4f} | {vs} |")
     return "\n".join(lines)
 
 
@@ -180,7 +195,7 @@ class Study:
         trainer.run(resume=resume)
         result = evaluate_run(trainer, self.eval_prompts, self.eval_seeds, self.task_reward)
         result.update(method=method, seed=seed, overrides=overrides, lr=cfg.trainer.lr, steps=cfg.trainer.steps,
-                      cpu_s=time.process_time() - start)
+                      cpu_s=time.process_time() - start, prompts=list(self.eval_prompts))
         saved.parent.mkdir(parents=True, exist_ok=True)
         torch.save(result, saved.with_suffix(".tmp"))
         saved.with_suffix(".tmp").replace(saved)  # atomic: a killed process never leaves a half-written result
@@ -307,6 +322,8 @@ def main(argv: list[str] | None = None) -> dict:
     summary = {m: summarise([r for r in runs if r["method"] == m]) for m in done}
     for m, s in summary.items():
         s["lr"] = sorted({r["lr"] for r in runs if r["method"] == m})
+    for m, v in versus_first(runs, done).items():
+        summary[m]["versus_first"] = v
     t = base_cfg.trainer
     lr_text = ("lr per method from the sweep (sweep.md)" if lrs else f"lr {t.lr}") + (
         "; per-method overrides: " + "; ".join(f"{m}: {' '.join(v)}" for m, v in per_method.items() if v)

@@ -66,6 +66,7 @@ def test_compare_lr_sweep_scores_on_training_prompts_and_reruns_reuse_every_fini
     assert len(sweep) == 4  # 2 methods × 2 learning rates, one training seed
     for r in sweep.values():
         assert r["base"].shape == (4, 1)  # the 4 *training* prompts (4 colours × car), never the held-out kite
+        assert r["prompts"] == [f"a photo of a {c} car" for c in ("red", "green", "blue", "purple")]
         assert r["steps"] == 1 and r["seed"] == 0
     assert all("algo.dpo.beta=10" in r["overrides"] for r in sweep.values() if r["method"] == "dpo")
     chosen = {}
@@ -75,6 +76,7 @@ def test_compare_lr_sweep_scores_on_training_prompts_and_reruns_reuse_every_fini
     results = json.loads((out / "results.json").read_text())
     assert results["lr"] == chosen  # each method's table runs use its best validation lr
     assert {r["method"]: r["lr"] for r in results["runs"]} == chosen
+    assert all("kite" in p for r in results["runs"] for p in r["prompts"])  # the table: held-out prompts only
     assert f"| {chosen['drpo']:g} |" in (out / "sweep.md").read_text()
 
     # a rerun with the same arguments trains nothing: every result and checkpoint is reused as it is
