@@ -135,8 +135,11 @@ class Bench:
             with clock.stage("loss_fwd"), self.autocast():
                 sel = select_anchors(scores[None], algo.num_anchors)
                 feats = {k: v.float() for k, v in self.encoder(x).items()}
+                # the anchors are candidates of this same forward: their φ is a detached slice of feats
+                # (φ of x.detach()[idx] would recompute the same values: a duplicate forward)
+                anchor_idx = torch.cat([sel.pos_idx[0], sel.neg_idx[0]]).to(x.device)
+                anchors = {k: v[anchor_idx].detach() for k, v in feats.items()}
                 with torch.no_grad():
-                    anchors = {k: v.float() for k, v in self.encoder(x.detach()[torch.cat([sel.pos_idx[0], sel.neg_idx[0]]).to(x.device)]).items()}
                     base = {k: v.float() for k, v in self.encoder(x_base).items()} if ref else None
                 M = algo.num_anchors
                 loss, _ = drpo_group_loss(feats, {k: v[:M] for k, v in anchors.items()}, {k: v[M:] for k, v in anchors.items()},
