@@ -179,7 +179,7 @@ class Study:
         saved = self.out / "results" / f"{tag}.pt"
         if saved.is_file():
             print(f"[compare] reusing {saved}", flush=True)
-            return torch.load(saved, weights_only=False)
+            return torch.load(saved, weights_only=True)  # our own result dict: tensors, numbers, strings
         if only_finished:
             print(f"[compare] not finished, left out: {tag} ({' '.join(overrides)})", flush=True)
             return None
