@@ -27,13 +27,12 @@ VIT_SPECS = {
                              "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 4, "layers": 1}}),
 }
 # Qwen2-7B: hidden 3584, MLP 18944, 28 layers, 28 heads, 4 KV heads; the sweep scales the layer count
+QWEN2_7B = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                num_key_value_heads=4, image_size=448, patch=28, text_tokens=64)
 LLAMA_SPECS = {
-    "llama-7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-                     num_key_value_heads=4, image_size=448, patch=28, text_tokens=64),
-    "llama-3.5b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=14, num_attention_heads=28,
-                       num_key_value_heads=4, image_size=448, patch=28, text_tokens=64),
-    "llama-1.8b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=7, num_attention_heads=28,
-                       num_key_value_heads=4, image_size=448, patch=28, text_tokens=64),
+    "llama-7b": QWEN2_7B,
+    "llama-3.5b": {**QWEN2_7B, "num_hidden_layers": 14},
+    "llama-1.8b": {**QWEN2_7B, "num_hidden_layers": 7},
     # CPU-sized steps of the sweep (64 px, 8 px patches: 64 visual + 8 text tokens)
     "llama-cpu-m": dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8,
                         num_key_value_heads=2, image_size=64, patch=8, text_tokens=8),
