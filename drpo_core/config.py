@@ -90,7 +90,8 @@ class FeaturesConfig(Section):
     downsample: bool = Field(False, description="latent_resnet: stride 2 at the first block of every stage after the first")
     groups: int = Field(8, ge=0, description="latent_resnet: GroupNorm groups; 0 = no normalisation (random encoders)")
     patch_sizes: list[int] = Field([2, 4], description="p×p patch mean/std keys besides the global ones")
-    checkpoint: str | None = Field(None, description="latent_resnet: safetensors state dict; latent_mae: the official "
+    checkpoint: str | None = Field(None, description="latent_resnet: safetensors state dict (a file, a folder with "
+                                   "model.safetensors, or 'toy' = the shapes world's scene encoder); latent_mae: the official "
                                    ".pth (or .safetensors with its keys); None keeps the seeded random init")
     seed: int = Field(1234, description="latent_resnet / random_pixel: random init; unet_hidden: the fixed noise added to the latent")
     path: str | None = Field(None, description="dinov2 / vit_mae: hub id or local folder (default facebook/dinov2-base, "

@@ -10,11 +10,15 @@ import typer
 
 def pretrain_toy_command(
     output: Path = typer.Option(..., "--output", "-o", help="folder for the diffusers pipeline (created; must be empty or new)"),
-    steps: int = typer.Option(800, "--steps", min=1, help="generator steps (stage 2; the committed base: 800)"),
+    steps: int = typer.Option(2500, "--steps", min=1, help="generator steps (stage 2; the committed base: 2500)"),
     vae_steps: int = typer.Option(500, "--vae-steps", min=1, help="autoencoder steps (stage 1)"),
     max_minutes: float = typer.Option(0.0, "--max-minutes", min=0.0, help="stop stage 2 after this wall time (0 = no limit)"),
-    feature_space: str = typer.Option("latent+pixel", "--feature-space",
-                                      help="frozen φ of the drift loss: latent+pixel (the committed base) or latent"),
+    feature_space: str = typer.Option("latent+scene", "--feature-space",
+                                      help="frozen φ of the drift loss: latent+scene (the committed base), latent+pixel "
+                                           "(the previous base) or latent (the first)"),
+    scene_steps: int = typer.Option(2000, "--scene-steps", min=1, help="scene-encoder steps (stage 1b, latent+scene)"),
+    scene_renders: int = typer.Option(12000, "--scene-renders", min=2, help="renders the scene encoder learns from "
+                                      "(the last 1,000, or a tenth if fewer, only scored)"),
     pool_per_prompt: int = typer.Option(96, "--pool-per-prompt", min=1, help="encoded renders per training prompt"),
     checkpoint_every: int = typer.Option(0, "--checkpoint-every", min=0, help="also save OUTPUT/checkpoints/step-N every N steps"),
     seed: int = typer.Option(0, "--seed"),
@@ -22,14 +26,17 @@ def pretrain_toy_command(
 ) -> None:
     """Pretrain the toy base (autoencoder, then UNet + text encoder with the Drifting objective)."""
     from services.cli import fail
-    from drpo_core.toyworld.pretrain import PretrainSettings, pretrain_toy
+    from drpo_core.toyworld.pretrain import FEATURE_SPACES, PretrainSettings, pretrain_toy
+    from drpo_core.toyworld.scene_encoder import SceneEncoderSettings
 
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
         fail(f"--output {output} exists and is not an empty folder; choose a new one (nothing is overwritten)")
-    if feature_space not in ("latent", "latent+pixel"):
-        fail(f"--feature-space {feature_space!r}: expected 'latent+pixel' or 'latent'")
+    if feature_space not in FEATURE_SPACES:
+        fail(f"--feature-space {feature_space!r}: expected one of {', '.join(FEATURE_SPACES)}")
+    scene = SceneEncoderSettings(scenes=scene_renders, holdout=min(1000, max(1, scene_renders // 10)), steps=scene_steps)
     settings = PretrainSettings(steps=steps, feature_space=feature_space, vae_steps=vae_steps, max_minutes=max_minutes, seed=seed,
-                                pool_per_prompt=pool_per_prompt, checkpoint_every=checkpoint_every, log_every=log_every)
+                                pool_per_prompt=pool_per_prompt, checkpoint_every=checkpoint_every, log_every=log_every,
+                                scene=scene)
     output.mkdir(parents=True, exist_ok=True)
     log_file = (output / "pretrain_log.jsonl").open("a")
 

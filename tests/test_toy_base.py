@@ -45,3 +45,17 @@ def test_base_draws_objects_in_the_prompt_colour_but_not_always_right():
     reward = toy_geneval_reward("geneval")
     scores = torch.cat([reward(gen.generate([p.text] * 16, seeds)[1], [p.text] * 16, [p.metadata()] * 16) for p in prompts])
     assert 0 < scores.mean() < 0.9  # imperfect: something to align
+
+
+def test_base_draws_triangles_not_only_round_blobs():
+    """The previous bases drew round blobs: over the four colours × 16 seeds the detector found the asked-for
+    triangle in 6 of 64 images (and squares in 10, circles in 61). This one draws triangles; squares are still
+    mostly read as circles (docs/toyworld.md)."""
+    gen = OneStepGenerator(ModelConfig(path="toy", resolution=32), LoraConfig(enabled=False))
+    detector = ShapeDetector()
+    found = {}
+    for kind in ("circle", "triangle"):
+        for colour in ("red", "green", "blue", "yellow"):
+            _, images = gen.generate([f"a photo of a {colour} {kind}"] * 16, list(range(16)))
+            found[kind] = found.get(kind, 0) + sum(kind in detector(im).labels for im in images)
+    assert found["circle"] >= 40 and found["triangle"] >= 40, found

@@ -20,7 +20,7 @@ def toy_model(tmp_path_factory):
     """A toy base from `drpo pretrain-toy` with a handful of steps (seconds)."""
     out = tmp_path_factory.mktemp("toy") / "base"
     result = runner.invoke(app, ["pretrain-toy", "--output", str(out), "--steps", "3", "--vae-steps", "2",
-                                 "--pool-per-prompt", "2", "--log-every", "1"])
+                                 "--pool-per-prompt", "2", "--scene-steps", "2", "--scene-renders", "40", "--log-every", "1"])
     assert result.exit_code == 0, result.output
     return out
 
@@ -36,6 +36,7 @@ def test_pretrain_toy_writes_a_pipeline_the_generator_loads(toy_model):
     assert [r["step"] for r in log if r.get("stage") == "generator"] == [1, 2, 3]
     assert json.loads((toy_model / "pretrain_summary.json").read_text())["generator_steps"] == 3
     assert (toy_model / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    assert (toy_model / "scene_encoder" / "model.safetensors").is_file()  # the φ it was pretrained with
     gen = OneStepGenerator(ModelConfig(path=str(toy_model), resolution=32), LoraConfig(enabled=False))
     latents, images = gen.generate(["a photo of two red circles"] * 2, [0, 1])
     assert images.shape == (2, 3, 32, 32) and torch.isfinite(images).all()

@@ -19,10 +19,13 @@ def build_encoder(cfg, in_channels: int, device: torch.device, generator=None) -
                       downsample=cfg.downsample, groups=cfg.groups, patch_sizes=tuple(cfg.patch_sizes))
         encoder = LatentResNetEncoder.random_frozen(cfg.seed, **kwargs)
         if cfg.checkpoint:
-            from drpo_core.features.latent_checkpoint import load_latent_resnet_checkpoint
+            from drpo_core.features.latent_checkpoint import (check_saved_architecture, load_latent_resnet_checkpoint,
+                                                              resolve_latent_resnet_checkpoint)
 
+            path = resolve_latent_resnet_checkpoint(cfg.checkpoint)
+            check_saved_architecture(path, cfg)
             desc = f"in_channels={in_channels}, width={cfg.width}, stage_blocks={list(cfg.stage_blocks)}"
-            load_latent_resnet_checkpoint(encoder, cfg.checkpoint, desc)
+            load_latent_resnet_checkpoint(encoder, path, desc)
         return encoder.to(device)
     if cfg.kind == "latent_mae":
         from drpo_core.features.latent_mae import build_latent_mae

@@ -38,6 +38,37 @@ def describe_checkpoint(state: dict[str, torch.Tensor]) -> str:
     return ", ".join(parts) or "no recognisable latent-ResNet keys"
 
 
+TOY_SCENE_ENCODER = Path(__file__).resolve().parents[1] / "toyworld" / "base_model" / "scene_encoder"
+ARCHITECTURE_FIELDS = ("width", "stage_blocks", "downsample", "groups")
+
+
+def resolve_latent_resnet_checkpoint(path: str) -> str:
+    """``toy`` → the committed shapes-world scene encoder; a folder → its ``model.safetensors``; else ``path``."""
+    if path == "toy":
+        return str(TOY_SCENE_ENCODER / "model.safetensors")
+    folder = Path(path).expanduser()
+    return str(folder / "model.safetensors") if folder.is_dir() else path
+
+
+def check_saved_architecture(path: str, cfg) -> None:
+    """If the checkpoint has a ``config.json`` beside it (``drpo pretrain-toy`` writes one), the config's
+    width / stage_blocks / downsample / groups must equal it: a stride or normalisation mismatch loads
+    without a shape error and silently computes another φ."""
+    import json
+
+    sidecar = Path(path).expanduser().parent / "config.json"
+    if not sidecar.is_file():
+        return
+    saved = json.loads(sidecar.read_text())
+    if saved.get("kind") != "latent_resnet":
+        return
+    wrong = [f"{f}={getattr(cfg, f)!r} (saved: {saved[f]!r})" for f in ARCHITECTURE_FIELDS
+             if f in saved and getattr(cfg, f) != saved[f]]
+    if wrong:
+        raise ValueError(f"features.checkpoint {path!r} was saved with another architecture; set features."
+                         + ", features.".join(wrong))
+
+
 def load_latent_resnet_checkpoint(encoder: nn.Module, path: str, config_desc: str) -> None:
     """Load ``path`` (safetensors) into ``encoder`` after checking every key and shape; ValueError otherwise."""
     from safetensors import SafetensorError

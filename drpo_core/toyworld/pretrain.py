@@ -14,10 +14,13 @@ Two stages, both on renders drawn fresh from the world every step (no dataset on
        L = mean_prompts Σ_keys drift_loss(φ_key(G(ε, c)), φ_key(E(render(c))), ∅)
 
    φ (:class:`ToyPhi`, ``feature_space``): ``"latent"`` = :class:`LatentFeatures` (raw latent, 2×2 pool,
-   statistics of a random conv net on the latent; 10 point sets); ``"latent+pixel"`` (default) adds
-   :class:`PixelFeatures` on the decoded image (statistics of a random conv net on pixels, which see edge
-   orientation and corners, i.e. shape; 12 more). Translation-invariant statistics are what let the field
-   match objects whose positions are random (raw-latent distances alone mostly measure position).
+   statistics of a random conv net on the latent; 10 point sets); ``"latent+scene"`` (default) adds the
+   **scene encoder** (:mod:`drpo_core.toyworld.scene_encoder`, trained in stage 1b on the autoencoder's latents
+   of renders to count each colour × shape; its global and 2×2 mean/std, 4 more); ``"latent+pixel"`` (the
+   previous base) adds :class:`PixelFeatures` on the decoded image (random-conv statistics on pixels; 12 more,
+   and a decoder backward per step). Translation-invariant statistics are what let the field match objects
+   whose positions are random (raw-latent distances alone mostly measure position); the scene encoder's are
+   what make shapes come out as squares and triangles instead of round blobs.
    Stage 2 runs a fixed number of steps, so the result does not depend on the machine's load.
 
 The result is a stock ``StableDiffusionPipeline`` folder (safetensors, fp16 weights, the project's
@@ -28,7 +31,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -38,17 +41,20 @@ from torch.nn import functional as F
 
 from drpo_core.algorithms.drift import drift_loss
 from drpo_core.toyworld.prompts import ToyPrompt, pretraining_sampler, toy_prompts
+from drpo_core.toyworld.scene_encoder import FOLDER as SCENE_FOLDER
+from drpo_core.toyworld.scene_encoder import SceneEncoderSettings, save_scene_encoder, train_scene_encoder
 from drpo_core.toyworld.toy_features import LatentFeatures, PixelFeatures
 from drpo_core.toyworld.world import SIZE, render
 
 TIMESTEP = 999
+FEATURE_SPACES = ("latent+scene", "latent+pixel", "latent")
 
 
 @dataclass
 class PretrainSettings:
     """Knobs of :func:`pretrain_toy` (defaults: the committed base)."""
 
-    steps: int = 800  # generator steps (stage 2)
+    steps: int = 2500  # generator steps (stage 2)
     vae_steps: int = 500  # autoencoder steps (stage 1)
     vae_batch: int = 32
     vae_lr: float = 1e-3
@@ -58,7 +64,8 @@ class PretrainSettings:
     lr: float = 5e-4
     grad_clip: float = 1.0
     radii: tuple[float, ...] = (0.02, 0.05, 0.2)
-    feature_space: str = "latent+pixel"  # "latent" (the first base) or "latent+pixel" (toy_features.py)
+    feature_space: str = "latent+scene"  # one of FEATURE_SPACES (module docstring)
+    scene: SceneEncoderSettings = field(default_factory=SceneEncoderSettings)  # stage 1b, for "latent+scene"
     seed: int = 0
     max_minutes: float = 0.0  # stop stage 2 early after this wall time (0 = no limit)
     log_every: int = 50
@@ -161,17 +168,24 @@ class PositivePool:
 
 
 class ToyPhi(nn.Module):
-    """φ of a generated/positive batch: :class:`LatentFeatures` on the latent, plus :class:`PixelFeatures` on
-    the decoded image when ``decoder`` is given (the frozen VAE; gradients flow through it to the latent)."""
+    """φ of a generated/positive batch: :class:`LatentFeatures` on the latent; plus the scene encoder's global
+    and 2×2 mean/std (each flattened to one vector per image) when ``scene`` is given; plus
+    :class:`PixelFeatures` on the decoded image when ``decoder`` is given (the frozen VAE; gradients flow
+    through it to the latent)."""
 
-    def __init__(self, seed: int, decoder=None):
+    def __init__(self, seed: int, decoder=None, scene: nn.Module | None = None):
         super().__init__()
         self.latent = LatentFeatures(seed)
         self.pixel = PixelFeatures(seed + 1) if decoder is not None else None
         self.decoder = decoder
+        self.scene = scene
+        if scene is not None:
+            scene.patch_sizes = (2,)  # global statistics (what it was trained on) and a coarse layout
 
     def forward(self, latents: torch.Tensor, pixels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         out = self.latent(latents)
+        if self.scene is not None:
+            out.update({f"scene_{k}": v.flatten(1) for k, v in self.scene(latents).items()})
         if self.pixel is not None:
             if pixels is None:
                 pixels = self.decoder.decode(latents / self.decoder.config.scaling_factor).sample
@@ -220,8 +234,8 @@ def pretrain_toy(output: str | Path, settings: PretrainSettings = PretrainSettin
                  log: Callable[[dict], None] = print) -> dict:
     """Train the toy base and save it to ``output``; returns a summary (steps, seconds, settings)."""
     s = settings
-    if s.feature_space not in ("latent", "latent+pixel"):  # before any compute
-        raise ValueError(f"feature_space {s.feature_space!r}: expected 'latent' or 'latent+pixel'")
+    if s.feature_space not in FEATURE_SPACES:  # before any compute
+        raise ValueError(f"feature_space {s.feature_space!r}: expected one of {', '.join(FEATURE_SPACES)}")
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(s.seed)
@@ -230,15 +244,20 @@ def pretrain_toy(output: str | Path, settings: PretrainSettings = PretrainSettin
     vae.register_to_config(scaling_factor=train_autoencoder(vae, s, log))
     vae.requires_grad_(False)
     vae_seconds = time.time() - t0
+    scene, scene_head, scene_summary = None, None, None
+    if s.feature_space == "latent+scene":
+        scene, scene_head, scene_summary = train_scene_encoder(vae, s.seed, s.scene, log)
+        save_scene_encoder(output / SCENE_FOLDER, scene, scene_head, scene_summary)
 
     gen = ToyOneStep(unet, text_encoder, tokenizer, scheduler)
     pixel = s.feature_space == "latent+pixel"
-    features = ToyPhi(s.seed, decoder=vae if pixel else None)
+    features = ToyPhi(s.seed, decoder=vae if pixel else None, scene=scene)
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=s.lr)
     draw = pretraining_sampler(s.seed)
+    t1_pool = time.time()
     pool = PositivePool(toy_prompts("train"), s.pool_per_prompt, vae, decoded=pixel)
-    log({"stage": "pool", "renders": int(pool.latents.shape[0] * pool.latents.shape[1]), "seconds": round(time.time() - t0 - vae_seconds, 1)})
+    log({"stage": "pool", "renders": int(pool.latents.shape[0] * pool.latents.shape[1]), "seconds": round(time.time() - t1_pool, 1)})
     noise_gen = torch.Generator().manual_seed(s.seed)
     unet.train(), text_encoder.train()
     t1, steps_done = time.time(), 0
@@ -256,7 +275,9 @@ def pretrain_toy(output: str | Path, settings: PretrainSettings = PretrainSettin
                  "drift_norm": round(stats["drift_norm"], 4), "grad_norm": round(float(grad_norm), 3),
                  "seconds": round(elapsed, 1)})
         if s.checkpoint_every and step % s.checkpoint_every == 0:
-            save_pipeline(output / "checkpoints" / f"step-{step:06d}", unet, vae, text_encoder, tokenizer, scheduler)
+            folder = save_pipeline(output / "checkpoints" / f"step-{step:06d}", unet, vae, text_encoder, tokenizer, scheduler)
+            if scene is not None:
+                save_scene_encoder(folder / SCENE_FOLDER, scene, scene_head, scene_summary)
         if s.max_minutes and elapsed > s.max_minutes * 60:
             log({"stage": "generator", "stopped": "max_minutes", "step": step})
             break
@@ -267,6 +288,7 @@ def pretrain_toy(output: str | Path, settings: PretrainSettings = PretrainSettin
                "unet_parameters": sum(p.numel() for p in unet.parameters()),
                "vae_parameters": sum(p.numel() for p in vae.parameters()),
                "text_encoder_parameters": sum(p.numel() for p in text_encoder.parameters()),
+               "scene_encoder": scene_summary,
                "settings": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(s).items()}}
     (output / "pretrain_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
