@@ -1,9 +1,11 @@
 """Pretrain the tiny one-step base generator of the shapes world (`drpo pretrain-toy`).
 
-Two stages, both on renders drawn fresh from the world every step (no dataset on disk):
+Three stages, all on renders of the world drawn on the fly (no dataset on disk):
 
 1. **Autoencoder** — diffusers ``AutoencoderKL`` (channels 32/64/64, ×4 down, 4 latent channels):
    L1 + MSE reconstruction + a tiny KL; its ``scaling_factor`` is then set to 1 / std of the latents.
+1b. **Scene encoder** (``latent+scene`` only; :mod:`drpo_core.toyworld.scene_encoder`) — a latent ResNet that
+   learns to count each colour × kind from the autoencoder's latents of renders; saved to ``scene_encoder/``.
 2. **Generator** — ``UNet2DConditionModel`` (channels 32/64, cross-attention) and a tiny
    ``CLIPTextModel`` trained jointly as a one-step generator ``x = G(ε, c)`` exactly as
    :class:`drpo_core.models.generator.OneStepGenerator` runs it (t = 999, v-prediction conversion), with
@@ -20,7 +22,7 @@ Two stages, both on renders drawn fresh from the world every step (no dataset on
    previous base) adds :class:`PixelFeatures` on the decoded image (random-conv statistics on pixels; 12 more,
    and a decoder backward per step). Translation-invariant statistics are what let the field match objects
    whose positions are random (raw-latent distances alone mostly measure position); the scene encoder's are
-   what make shapes come out as squares and triangles instead of round blobs.
+   what make triangles (and boxier squares) come out instead of round blobs.
    Stage 2 runs a fixed number of steps, so the result does not depend on the machine's load.
 
 The result is a stock ``StableDiffusionPipeline`` folder (safetensors, fp16 weights, the project's
