@@ -38,7 +38,8 @@ DIRECTIONS = ("ranked", "shuffled", "random")
 
 
 def direction(name: str, latents, scores, encoder, algo, gen: torch.Generator, freeze_positives: bool) -> torch.Tensor | None:
-    """Unit-RMS-free direction `[K, C, h, w]` (already scaled to 0.1·‖latent‖ per row), or None if the group is skipped."""
+    """Step direction `[K, C, h, w]`, each row scaled to 0.1·‖latent‖ (zero rows stay zero), or None if the
+    ranking skips the group."""
     K, M = latents.shape[0], algo.num_anchors
     if name == "shuffled":
         scores = scores[:, torch.randperm(K, generator=gen)]

@@ -38,14 +38,15 @@ def describe_checkpoint(state: dict[str, torch.Tensor]) -> str:
     return ", ".join(parts) or "no recognisable latent-ResNet keys"
 
 
-TOY_SCENE_ENCODER = Path(__file__).resolve().parents[1] / "toyworld" / "base_model" / "scene_encoder"
 ARCHITECTURE_FIELDS = ("width", "stage_blocks", "downsample", "groups")
 
 
 def resolve_latent_resnet_checkpoint(path: str) -> str:
     """``toy`` → the committed shapes-world scene encoder; a folder → its ``model.safetensors``; else ``path``."""
     if path == "toy":
-        return str(TOY_SCENE_ENCODER / "model.safetensors")
+        from drpo_core.toyworld import SCENE_ENCODER
+
+        return str(SCENE_ENCODER / "model.safetensors")
     folder = Path(path).expanduser()
     return str(folder / "model.safetensors") if folder.is_dir() else path
 

@@ -56,7 +56,9 @@ def resolve_model_path(path: str, revision: str | None = None) -> str:
     if path == "tiny-sdxl":
         return str(tiny_sdxl_path())
     if path == "toy":  # the committed pretrained base of the shapes world (drpo_core/toyworld/base_model)
-        return str(Path(__file__).resolve().parents[1] / "toyworld" / "base_model")
+        from drpo_core.toyworld import BASE_MODEL
+
+        return str(BASE_MODEL)
     local = Path(path).expanduser()
     if local.exists():
         if not (local / "model_index.json").is_file() and not (local / "unet").is_dir():
