@@ -10,18 +10,17 @@ import torch
 
 from drpo_core.config import FeaturesConfig
 from drpo_core.features import build_encoder
+from drpo_core.toyworld import BASE_MODEL, SCENE_ENCODER
 from drpo_core.toyworld.prompts import pretraining_sampler
 from drpo_core.toyworld.scene_encoder import (ARCHITECTURE, CLASSES, SceneEncoderSettings, count_labels, encode_renders,
                                               load_scene_encoder, save_scene_encoder, scene_accuracy, train_scene_encoder)
 from drpo_core.toyworld.world import Shape
 
-COMMITTED = "drpo_core/toyworld/base_model"
-
 
 def _toy_vae():
     from diffusers import AutoencoderKL
 
-    return AutoencoderKL.from_pretrained(COMMITTED, subfolder="vae", torch_dtype=torch.float32).eval()
+    return AutoencoderKL.from_pretrained(BASE_MODEL, subfolder="vae", torch_dtype=torch.float32).eval()
 
 
 def test_count_labels_count_each_colour_and_kind():
@@ -79,7 +78,7 @@ def test_loads_as_drpo_features_and_refuses_another_architecture(trained):
 def test_committed_encoder_reads_fresh_renders():
     """The committed φ (``features.checkpoint: toy``) counts each colour × kind on renders it never saw."""
     vae = _toy_vae()
-    encoder, head = load_scene_encoder(f"{COMMITTED}/scene_encoder")
+    encoder, head = load_scene_encoder(SCENE_ENCODER)
     prompts = pretraining_sampler(999)(200)
     scenes = [p.scene(5 * 10**7 + i) for i, p in enumerate(prompts)]
     mean, _ = encode_renders(vae, scenes)

@@ -70,6 +70,11 @@ def count_labels(scenes: list[Scene]) -> torch.Tensor:
     return labels
 
 
+def count_head(encoder: LatentResNetEncoder) -> nn.Linear:
+    """The linear read-out from :func:`global_stats` to 12 × 4 count logits."""
+    return nn.Linear(2 * encoder.norms[-1].num_channels, len(CLASSES) * (MAX_COUNT + 1))
+
+
 def global_stats(encoder: LatentResNetEncoder, latents: torch.Tensor) -> torch.Tensor:
     """`[N, 2C]`: the last stage's per-channel global mean and std (the head's input)."""
     feats = encoder(latents)
@@ -103,7 +108,7 @@ def train_scene_encoder(vae, seed: int = 0, s: SceneEncoderSettings = SceneEncod
         torch.manual_seed(seed)
         encoder = LatentResNetEncoder(in_channels=mean.shape[1], patch_sizes=(), **{
             k: tuple(v) if isinstance(v, list) else v for k, v in ARCHITECTURE.items()})
-        head = nn.Linear(2 * encoder.norms[-1].num_channels, len(CLASSES) * (MAX_COUNT + 1))
+        head = count_head(encoder)
     encoder.requires_grad_(True).train()
     params = list(encoder.parameters()) + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
@@ -153,7 +158,7 @@ def save_scene_encoder(folder: Path, encoder: LatentResNetEncoder, head: nn.Line
     return folder / WEIGHTS
 
 
-def load_scene_encoder(folder: str | Path, patch_sizes: tuple[int, ...] = ()) -> tuple[LatentResNetEncoder, nn.Linear]:
+def load_scene_encoder(folder: str | Path) -> tuple[LatentResNetEncoder, nn.Linear]:
     """The frozen encoder and count head saved by :func:`save_scene_encoder`."""
     from safetensors.torch import load_file
 
@@ -163,8 +168,8 @@ def load_scene_encoder(folder: str | Path, patch_sizes: tuple[int, ...] = ()) ->
     config = json.loads((folder / "config.json").read_text())
     encoder = LatentResNetEncoder(in_channels=config["in_channels"], width=config["width"],
                                   stage_blocks=tuple(config["stage_blocks"]), downsample=config["downsample"],
-                                  groups=config["groups"], patch_sizes=patch_sizes)
+                                  groups=config["groups"], patch_sizes=())
     load_latent_resnet_checkpoint(encoder, str(folder / WEIGHTS), f"scene encoder {folder}")
-    head = nn.Linear(2 * encoder.norms[-1].num_channels, len(CLASSES) * (MAX_COUNT + 1))
+    head = count_head(encoder)
     head.load_state_dict(load_file(str(folder / HEAD_WEIGHTS)))
     return encoder, head.requires_grad_(False)
