@@ -29,21 +29,22 @@ import torch
 from drpo_core.config import load_config
 from drpo_core.models.generator import OneStepGenerator
 from drpo_core.toyworld import SCENE_ENCODER
-from drpo_core.toyworld.detector import ShapeDetector, color_labels
+from drpo_core.rewards.geneval.detection import Found
+from drpo_core.rewards.geneval.rules import crop_for_color
+from drpo_core.toyworld.detector import PaletteColorClassifier, ShapeDetector
 from drpo_core.toyworld.prompts import toy_prompts
 from drpo_core.toyworld.scene_encoder import CLASSES, MAX_COUNT, global_stats, load_scene_encoder
 from drpo_core.toyworld.world import COLORS, SHAPES
 
 
-def detected_counts(detector: ShapeDetector, image: torch.Tensor) -> torch.Tensor:
-    """`[12]` counts per (colour, kind) of the detector's objects; colour = the object's majority palette colour."""
+def detected_counts(detector: ShapeDetector, classify: PaletteColorClassifier, image: torch.Tensor) -> torch.Tensor:
+    """`[12]` counts per (colour, kind) of the detector's objects, each coloured as the GenEval rules colour it
+    (the masked crop over grey, then the palette classifier)."""
     found = detector(image)
-    labels = color_labels(image)
     counts = torch.zeros(len(CLASSES), dtype=torch.long)
-    for mask, kind in zip(found.masks if found.masks is not None else [], found.labels):
-        pixels = labels[mask]
-        color = COLORS[int(torch.bincount(pixels[pixels >= 0], minlength=len(COLORS)).argmax())]
-        counts[CLASSES.index((color, kind))] += 1
+    for i, kind in enumerate(found.labels):
+        crop = crop_for_color(image, Found(found.boxes[i], 1.0, found.masks[i]))
+        counts[CLASSES.index((classify([crop], kind, COLORS)[0], kind))] += 1
     return counts.clamp(max=MAX_COUNT)
 
 
@@ -73,7 +74,7 @@ def main() -> None:
     cfg = load_config([args.config], args.set)
     generator = OneStepGenerator(cfg.model, cfg.lora)
     encoder, head = load_scene_encoder(SCENE_ENCODER)
-    detector = ShapeDetector()
+    detector, classify = ShapeDetector(), PaletteColorClassifier()
     n, all_agree = 0, 0
     table: Counter = Counter()
     per: Counter = Counter()
@@ -83,7 +84,7 @@ def main() -> None:
             logits = head(global_stats(encoder, latents.float()))
         read = logits.view(args.seeds, len(CLASSES), MAX_COUNT + 1).argmax(-1)
         for k in range(args.seeds):
-            seen = detected_counts(detector, images[k].float())
+            seen = detected_counts(detector, classify, images[k].float())
             n += 1
             all_agree += int(torch.equal(seen, read[k]))
             table[(satisfies(prompt, read[k]), satisfies(prompt, seen))] += 1

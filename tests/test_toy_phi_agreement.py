@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from benchmarks.toy_phi_agreement import detected_counts, satisfies
-from drpo_core.toyworld.detector import ShapeDetector
+from drpo_core.toyworld.detector import PaletteColorClassifier, ShapeDetector
 from drpo_core.toyworld.prompts import find_prompt, toy_prompts
 from drpo_core.toyworld.scene_encoder import count_labels
 from drpo_core.toyworld.world import render
@@ -12,12 +12,12 @@ from drpo_core.toyworld.world import render
 def test_detected_counts_equal_the_scene_on_renders():
     """On clean renders the detector's per-(colour, kind) counts are the scene's own labels (the same
     12-class layout as the scene encoder's head), for every task of the world."""
-    detector = ShapeDetector()
+    detector, classify = ShapeDetector(), PaletteColorClassifier()
     checked = 0
     for prompt in toy_prompts("all")[::7]:
         for seed in range(3):
             scene = prompt.scene(seed)
-            assert detected_counts(detector, render(scene)).tolist() == count_labels([scene])[0].tolist(), (prompt.text, seed)
+            assert detected_counts(detector, classify, render(scene)).tolist() == count_labels([scene])[0].tolist(), (prompt.text, seed)
             checked += 1
     assert checked >= 60
 
