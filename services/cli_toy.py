@@ -19,6 +19,9 @@ def pretrain_toy_command(
     scene_steps: int = typer.Option(2000, "--scene-steps", min=1, help="scene-encoder steps (stage 1b, latent+scene)"),
     scene_renders: int = typer.Option(12000, "--scene-renders", min=2, help="renders the scene encoder learns from "
                                       "(the last 1,000, or a tenth if fewer, only scored)"),
+    caption_noise: float = typer.Option(0.0, "--caption-noise", min=0.0, max=1.0,
+                                        help="per named colour, the chance that a positive render shows another colour "
+                                             "(noisy captions, as web alt-text has; 0 = every render shows its caption)"),
     pool_per_prompt: int = typer.Option(96, "--pool-per-prompt", min=1, help="encoded renders per training prompt"),
     checkpoint_every: int = typer.Option(0, "--checkpoint-every", min=0, help="also save OUTPUT/checkpoints/step-N every N steps"),
     seed: int = typer.Option(0, "--seed"),
@@ -35,7 +38,7 @@ def pretrain_toy_command(
         fail(f"--feature-space {feature_space!r}: expected one of {', '.join(FEATURE_SPACES)}")
     scene = SceneEncoderSettings(scenes=scene_renders, holdout=min(1000, max(1, scene_renders // 10)), steps=scene_steps)
     settings = PretrainSettings(steps=steps, feature_space=feature_space, vae_steps=vae_steps, max_minutes=max_minutes, seed=seed,
-                                pool_per_prompt=pool_per_prompt, checkpoint_every=checkpoint_every, log_every=log_every,
+                                pool_per_prompt=pool_per_prompt, caption_noise=caption_noise, checkpoint_every=checkpoint_every, log_every=log_every,
                                 scene=scene)
     output.mkdir(parents=True, exist_ok=True)
     log_file = (output / "pretrain_log.jsonl").open("a")

@@ -20,7 +20,8 @@ def toy_model(tmp_path_factory):
     """A toy base from `drpo pretrain-toy` with a handful of steps (seconds)."""
     out = tmp_path_factory.mktemp("toy") / "base"
     result = runner.invoke(app, ["pretrain-toy", "--output", str(out), "--steps", "3", "--vae-steps", "2",
-                                 "--pool-per-prompt", "2", "--scene-steps", "2", "--scene-renders", "40", "--log-every", "1"])
+                                 "--pool-per-prompt", "2", "--scene-steps", "2", "--scene-renders", "40", "--log-every", "1",
+                                 "--caption-noise", "0.5"])
     assert result.exit_code == 0, result.output
     return out
 
@@ -34,7 +35,8 @@ def test_pretrain_toy_writes_a_pipeline_the_generator_loads(toy_model):
 
     log = [json.loads(line) for line in (toy_model / "pretrain_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if r.get("stage") == "generator"] == [1, 2, 3]
-    assert json.loads((toy_model / "pretrain_summary.json").read_text())["generator_steps"] == 3
+    summary = json.loads((toy_model / "pretrain_summary.json").read_text())
+    assert summary["generator_steps"] == 3 and summary["settings"]["caption_noise"] == 0.5
     assert (toy_model / "unet" / "diffusion_pytorch_model.safetensors").is_file()
     assert (toy_model / "scene_encoder" / "model.safetensors").is_file()  # the φ it was pretrained with
     gen = OneStepGenerator(ModelConfig(path=str(toy_model), resolution=32), LoraConfig(enabled=False))
@@ -46,6 +48,19 @@ def test_pretrain_toy_writes_a_pipeline_the_generator_loads(toy_model):
     with torch.no_grad():
         again = toy(gen.noise([0, 1]), toy.encode(["a photo of two red circles"] * 2))
     torch.testing.assert_close(again, latents, atol=1e-5, rtol=1e-4)
+
+
+def test_positive_pool_with_caption_noise_files_other_colours_under_a_prompt(toy_model):
+    from diffusers import AutoencoderKL
+
+    from drpo_core.toyworld.pretrain import PositivePool
+    from drpo_core.toyworld.prompts import find_prompt
+
+    vae = AutoencoderKL.from_pretrained(toy_model, subfolder="vae")
+    prompts = [find_prompt("a photo of a red circle"), find_prompt("a photo of two circles")]
+    clean, noisy = (PositivePool(prompts, 4, vae, caption_noise=rate).latents for rate in (0.0, 1.0))
+    assert not torch.allclose(clean[0], noisy[0], atol=1e-4)  # every red circle is now another colour
+    torch.testing.assert_close(clean[1], noisy[1])  # no colour named: nothing to get wrong
 
 
 def test_pretrain_toy_refuses_a_used_folder(tmp_path):

@@ -140,3 +140,22 @@ def test_committed_prompt_files_are_the_split(tmp_path):
     for split in ("train", "heldout"):
         fresh = write_metadata_jsonl(toy_prompts(split), tmp_path / f"{split}.jsonl").read_text()
         assert (root / f"{split}.jsonl").read_text() == fresh
+
+
+def test_miscaptioned_changes_named_colours_at_the_given_rate_and_nothing_else():
+    from drpo_core.toyworld.prompts import miscaptioned
+
+    two = find_prompt("a photo of a red circle and a blue square")
+    assert miscaptioned(two, 3, 0.0) == two
+    colour_free = find_prompt("a photo of two circles")
+    assert all(miscaptioned(colour_free, s, 1.0) == colour_free for s in range(20))
+    changed = [0, 0]
+    for seed in range(2000):
+        noisy = miscaptioned(two, seed, 0.3)
+        assert noisy == miscaptioned(two, seed, 0.3)  # deterministic per (prompt, seed)
+        assert (noisy.tag, noisy.relation) == (two.tag, two.relation)
+        for i, (g, h) in enumerate(zip(two.groups, noisy.groups)):
+            assert (h.kind, h.count) == (g.kind, g.count) and h.color in PALETTE
+            changed[i] += h.color != g.color
+    assert all(abs(c / 2000 - 0.3) < 0.04 for c in changed), changed
+    assert all(h.color != g.color for s in range(50) for g, h in zip(two.groups, miscaptioned(two, s, 1.0).groups))

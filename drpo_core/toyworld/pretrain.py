@@ -24,6 +24,9 @@ Three stages, all on renders of the world drawn on the fly (no dataset on disk):
    whose positions are random (raw-latent distances alone mostly measure position); the scene encoder's are
    what make triangles (and boxier squares) come out instead of round blobs.
    Stage 2 runs a fixed number of steps, so the result does not depend on the machine's load.
+   With ``caption_noise`` > 0 the positives are **noisily captioned**, as web alt-text is: each named colour of a
+   prompt's pool render is another colour with that probability (:func:`~drpo_core.toyworld.prompts.miscaptioned`),
+   so the base learns to follow colour words only as often as its data did, a failure a reward can see and fix.
 
 The result is a stock ``StableDiffusionPipeline`` folder (safetensors, fp16 weights, the project's
 offline CLIP tokenizer, an Euler "trailing" v-prediction scheduler) that ``model.path`` loads.
@@ -42,7 +45,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from drpo_core.algorithms.drift import drift_loss
-from drpo_core.toyworld.prompts import ToyPrompt, pretraining_sampler, toy_prompts
+from drpo_core.toyworld.prompts import ToyPrompt, miscaptioned, pretraining_sampler, toy_prompts
 from drpo_core.toyworld.scene_encoder import FOLDER as SCENE_FOLDER
 from drpo_core.toyworld.scene_encoder import SceneEncoderSettings, save_scene_encoder, train_scene_encoder
 from drpo_core.toyworld.toy_features import LatentFeatures, PixelFeatures
@@ -67,6 +70,7 @@ class PretrainSettings:
     grad_clip: float = 1.0
     radii: tuple[float, ...] = (0.02, 0.05, 0.2)
     feature_space: str = "latent+scene"  # one of FEATURE_SPACES (module docstring)
+    caption_noise: float = 0.0  # per named colour, the chance that a positive shows another colour (web-like captions)
     scene: SceneEncoderSettings = field(default_factory=SceneEncoderSettings)  # stage 1b, for "latent+scene"
     seed: int = 0
     max_minutes: float = 0.0  # stop stage 2 early after this wall time (0 = no limit)
@@ -145,9 +149,11 @@ class PositivePool:
     over fresh renders cost as much as the UNet forward per step, and the world's scene distribution is
     well covered by ~100 random layouts per prompt."""
 
-    def __init__(self, prompts, per_prompt: int, vae, batch: int = 128, decoded: bool = False):
+    def __init__(self, prompts, per_prompt: int, vae, batch: int = 128, decoded: bool = False,
+                 caption_noise: float = 0.0):
         self.index = {p.text: i for i, p in enumerate(prompts)}
-        pairs = [(p, s) for p in prompts for s in range(per_prompt)]
+        # With caption noise, an entry filed under a prompt shows what a noisy caption's image shows.
+        pairs = [(miscaptioned(p, s, caption_noise), s) for p in prompts for s in range(per_prompt)]
         latents, pixels = [], []
         with torch.no_grad():
             for i in range(0, len(pairs), batch):
@@ -258,7 +264,7 @@ def pretrain_toy(output: str | Path, settings: PretrainSettings = PretrainSettin
     opt = torch.optim.AdamW(params, lr=s.lr)
     draw = pretraining_sampler(s.seed)
     t1_pool = time.time()
-    pool = PositivePool(toy_prompts("train"), s.pool_per_prompt, vae, decoded=pixel)
+    pool = PositivePool(toy_prompts("train"), s.pool_per_prompt, vae, decoded=pixel, caption_noise=s.caption_noise)
     log({"stage": "pool", "renders": int(pool.latents.shape[0] * pool.latents.shape[1]), "seconds": round(time.time() - t1_pool, 1)})
     noise_gen = torch.Generator().manual_seed(s.seed)
     unet.train(), text_encoder.train()

@@ -95,6 +95,18 @@ class ToyPrompt:
         return place(items, rng, accept=accept)
 
 
+def miscaptioned(prompt: ToyPrompt, seed: int, rate: float) -> ToyPrompt:
+    """What an image captioned ``prompt`` shows when captions are noisy, as web alt-text is: with probability
+    ``rate`` per named colour, the image's object has a different colour (uniform over the other three). The
+    same (prompt, seed, rate) always gives the same answer; colour-free groups and ``rate = 0`` are unchanged."""
+    if rate <= 0 or not any(g.color for g in prompt.groups):
+        return prompt
+    rng = random.Random(f"miscaption/{prompt.text}/{seed}")
+    groups = tuple(Group(g.kind, g.count, rng.choice([c for c in COLORS if c != g.color]))
+                   if g.color and rng.random() < rate else g for g in prompt.groups)
+    return ToyPrompt(prompt.tag, groups, prompt.relation)
+
+
 def _all_prompts() -> list[tuple[ToyPrompt, bool]]:
     """Every prompt of the world with its held-out flag (the split rule is in the module docstring)."""
     out: list[tuple[ToyPrompt, bool]] = []
