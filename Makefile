@@ -27,28 +27,30 @@ install: $(STAMP) sysdeps
 sysdeps:
 	@command -v prometheus >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null; }
 
-# The embedded default: a random-initialised tiny SD-Turbo-architecture model aligned to the offline hue-fraction
-# reward through the Ray runtime (an embedded local cluster); README "What the demo shows".
+# The embedded default: the shapes world (docs/toyworld.md). The committed pretrained toy base (a one-step
+# SD-Turbo-architecture generator of coloured shapes) aligned with DrPO on the GenEval reward over the classical
+# detector, then base and final policy scored on held-out prompts x held-out seeds (GenEval per task, in GenEval's
+# sample layout) and the paired, prompt-clustered gains printed (README "What the demo shows").
+# In-process (--local): on 2 cores the Ray runtime adds start-up and ~7 % per step for nothing here (`make demo-hue`
+# runs through Ray). One thread unless OMP_NUM_THREADS says otherwise: on a busy 2-core box two OpenMP threads ran
+# these small models ~20x slower.
+DEMO_SEEDS ?= 0-63
 demo: install
-	$(VENV)/bin/drpo train --config deploy/configs/tiny.yaml --output-dir $(RUN_DIR)
-
-demo-hue: demo
-
-# The shapes world (docs/toyworld.md): the committed pretrained toy base aligned with DrPO on the GenEval reward over
-# the classical detector, then base and final policy scored on held-out prompts x held-out seeds (GenEval per task)
-# and the paired, prompt-clustered gains printed. Not the default yet: its held-out gain is not significant (README).
-# In-process (--local): on 2 cores the Ray runtime adds start-up and ~7 % per step for nothing here. One thread
-# unless OMP_NUM_THREADS says otherwise: on a busy 2-core box two OpenMP threads ran these small models ~20x slower.
-DEMO_SEEDS ?= 0-15
-demo-toy: install
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(VENV)/bin/drpo train --local --config deploy/configs/toy.yaml --output-dir $(RUN_DIR)
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(VENV)/bin/drpo eval --config deploy/configs/toy.yaml --base --seeds $(DEMO_SEEDS) --output-dir $(RUN_DIR)/eval-base
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(VENV)/bin/drpo eval --config deploy/configs/toy.yaml --checkpoint $(RUN_DIR) --seeds $(DEMO_SEEDS) --output-dir $(RUN_DIR)/eval-final
 	$(VENV)/bin/drpo eval compare $(RUN_DIR)/eval-base/eval.json $(RUN_DIR)/eval-final/eval.json --json $(RUN_DIR)/compare.json
 	@echo "curves:      $(RUN_DIR)/plots/reward_curve.png, $(RUN_DIR)/metrics.jsonl, $(RUN_DIR)/tensorboard/"
-	@echo "image grids: $(RUN_DIR)/eval-final/before_after.png (held-out prompts), $(RUN_DIR)/samples/"
-	@echo "checkpoint:  $(RUN_DIR)/checkpoints/ (LoRA, diffusers layout)"
+	@echo "image grids: $(RUN_DIR)/eval-final/before_after.png (held-out prompts, captioned, green/red = GenEval pass/fail), $(RUN_DIR)/samples/"
+	@echo "checkpoint:  $(RUN_DIR)/checkpoints/ (full UNet, diffusers layout: checkpoints/step_<N>/unet/)"
 	@echo "eval:        $(RUN_DIR)/eval-base/eval.json, $(RUN_DIR)/eval-final/eval.json (GenEval layout in */samples/), $(RUN_DIR)/compare.json"
+
+demo-toy: demo
+
+# The previous default: a random-initialised tiny SD-Turbo-architecture model aligned to the offline hue-fraction
+# reward through the Ray runtime (an embedded local cluster); README "The hue task".
+demo-hue: install
+	$(VENV)/bin/drpo train --config deploy/configs/tiny.yaml --output-dir $(RUN_DIR)
 
 test: install
 	$(PY) -m pytest -q tests

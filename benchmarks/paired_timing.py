@@ -45,7 +45,7 @@ def timed_run(runtime: str, config: str, overrides: list[str], out: Path) -> flo
     cmd = [sys.executable, "-m", "services.cli", "train", "--config", config, "--output-dir", str(out),
            *(a for s in overrides for a in ("--set", s)), *(["--local"] if runtime == "local" else [])]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-    env.pop("RAY_ADDRESS", None)  # ray: the embedded local cluster, as `make demo` runs it
+    env.pop("RAY_ADDRESS", None)  # ray: the embedded local cluster, as `make demo-hue` runs it
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     wall = time.perf_counter() - t0

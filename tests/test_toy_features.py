@@ -8,7 +8,7 @@ from drpo_core.toyworld.toy_features import LatentFeatures, PixelFeatures
 from drpo_core.toyworld.world import Shape, render
 
 
-def _scene_image(dx: int = 0, dy: int = 0, kind: str = "square") -> torch.Tensor:
+def _scene_image(dx: int = 0, dy: int = 0, kind: str = "circle") -> torch.Tensor:
     """`[1, 3, 32, 32]` in [-1, 1]: one red 8-px shape at (8 + dx, 8 + dy)."""
     scene = (Shape(kind, "red", (8 + dx, 8 + dy, 16 + dx, 16 + dy)),)
     return render(scene)[None] * 2 - 1
@@ -44,7 +44,7 @@ def test_frozen_seeded_and_global_rng_untouched():
 def test_pixel_global_statistics_are_translation_invariant_and_see_shape():
     """Shifting the scene by a multiple of the total stride (4 px) within the uniform background (every shape
     pixel ≥ 7 px, pix3's receptive-field radius, from the border before and after) leaves every
-    global per-channel mean/std unchanged; the 2×2 layout maps change; a triangle in place of the square
+    global per-channel mean/std unchanged; the 2×2 layout maps change; a triangle in place of the circle
     changes the global statistics (shape information, which the position-blind keys must carry)."""
     phi = PixelFeatures(1)
     base, shifted, triangle = (phi(_scene_image()), phi(_scene_image(dx=8, dy=8)), phi(_scene_image(kind="triangle")))

@@ -30,6 +30,6 @@ def test_satisfies_checks_every_group_and_colour():
     assert not satisfies(find_prompt("a photo of three red circles"), counts)
     assert not satisfies(find_prompt("a photo of two blue circles"), counts)
     assert satisfies(find_prompt("a photo of two circles"), counts)  # no colour asked: any colour counts
-    attr = find_prompt("a photo of a red circle and a blue square")
+    attr = find_prompt("a photo of a red circle and a blue bar")
     assert satisfies(attr, count_labels([attr.scene(1)])[0])
     assert not satisfies(attr, count_labels([two_red.scene(1)])[0])

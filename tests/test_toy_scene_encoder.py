@@ -24,11 +24,11 @@ def _toy_vae():
 
 
 def test_count_labels_count_each_colour_and_kind():
-    scene = (Shape("square", "red", (1, 1, 9, 9)), Shape("square", "red", (12, 1, 20, 9)),
+    scene = (Shape("bar", "red", (1, 1, 9, 5)), Shape("bar", "red", (12, 1, 20, 5)),
              Shape("triangle", "blue", (1, 12, 9, 20)))
     labels = count_labels([scene, ()])
     assert labels.shape == (2, 12) and labels[1].sum() == 0
-    assert labels[0, CLASSES.index(("red", "square"))] == 2 and labels[0, CLASSES.index(("blue", "triangle"))] == 1
+    assert labels[0, CLASSES.index(("red", "bar"))] == 2 and labels[0, CLASSES.index(("blue", "triangle"))] == 1
     assert labels[0].sum() == 3
 
 

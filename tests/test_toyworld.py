@@ -52,8 +52,8 @@ def test_prompts_metadata_and_split():
     for p in toy_prompts("all"):
         spec = parse_metadata(p.metadata())
         assert spec.tag == p.tag and spec.prompt == p.text
-    position = find_prompt("a photo of a circle left of a square").metadata()
-    assert position["include"] == [{"class": "square", "count": 1},
+    position = find_prompt("a photo of a circle left of a bar").metadata()
+    assert position["include"] == [{"class": "bar", "count": 1},
                                    {"class": "circle", "count": 1, "position": ["left of", 0]}]
     assert find_prompt("a photo of three circles").metadata()["exclude"] == [{"class": "circle", "count": 4}]
     with pytest.raises(ValueError, match="not a prompt"):
@@ -66,7 +66,7 @@ def test_detector_finds_every_rendered_shape(prompt):
     for seed in range(3):
         scene = prompt.scene(seed)
         image = render(scene)
-        dets = detector(image, ["circle", "square", "triangle"])
+        dets = detector(image, ["circle", "bar", "triangle"])
         assert sorted(dets.labels) == sorted(s.kind for s in scene)
         for s in scene:  # a detection of the right kind with the right box (±1 px) and colour
             i = min((i for i, label in enumerate(dets.labels) if label == s.kind),
@@ -89,7 +89,8 @@ def test_shape_geometry():
     disc = ((yy - 4.5) ** 2 + (xx - 4.5) ** 2 <= 25).numpy()
     tri = ((xx >= 4.5 - yy / 2) & (xx <= 4.5 + yy / 2)).numpy()
     assert classify_shape(disc) == "circle"
-    assert classify_shape(torch.ones(10, 10, dtype=torch.bool).numpy()) == "square"
+    assert classify_shape(torch.ones(5, 10, dtype=torch.bool).numpy()) == "bar"
+    assert classify_shape(torch.ones(10, 10, dtype=torch.bool).numpy()) == "circle"  # a square is no bar: too high
     assert classify_shape(tri) == "triangle"
 
 
@@ -97,9 +98,9 @@ def test_shape_geometry():
 def test_rules_pass_renders_of_the_prompt_and_fail_others(mode):
     reward = toy_geneval_reward(mode)
     cases = {  # rendered prompt → prompts it must fail
-        "a photo of two red circles": ["a photo of three red circles", "a photo of two blue circles", "a photo of two red squares"],
-        "a photo of a circle left of a square": ["a photo of a circle right of a square", "a photo of a square left of a circle"],
-        "a photo of a red circle and a blue square": ["a photo of a blue circle and a red square", "a photo of a red circle and a blue triangle"],
+        "a photo of two red circles": ["a photo of three red circles", "a photo of two blue circles", "a photo of two red bars"],
+        "a photo of a circle left of a bar": ["a photo of a circle right of a bar", "a photo of a bar left of a circle"],
+        "a photo of a red circle and a blue bar": ["a photo of a blue circle and a red bar", "a photo of a red circle and a blue triangle"],
     }
     for rendered, wrong in cases.items():
         images = torch.stack([render(find_prompt(rendered).scene(s)) for s in range(4)])
@@ -145,7 +146,7 @@ def test_committed_prompt_files_are_the_split(tmp_path):
 def test_miscaptioned_changes_named_colours_at_the_given_rate_and_nothing_else():
     from drpo_core.toyworld.prompts import miscaptioned
 
-    two = find_prompt("a photo of a red circle and a blue square")
+    two = find_prompt("a photo of a red circle and a blue bar")
     assert miscaptioned(two, 3, 0.0) == two
     colour_free = find_prompt("a photo of two circles")
     assert all(miscaptioned(colour_free, s, 1.0) == colour_free for s in range(20))

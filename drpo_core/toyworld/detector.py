@@ -6,11 +6,11 @@ Detector steps, for an image `[3, H, W]` in [0, 1]:
    (Euclidean RGB); pixels nearer the background are background.
 2. **Connected components** per colour (4-connectivity, ``scipy.ndimage.label``); components smaller than
    ``min_pixels`` are noise and dropped.
-3. **Shape from geometry** of each component's mask inside its bounding box: a triangle (apex up) has
-   much less mass in its top half than its bottom half (ratio < ``triangle_ratio``); otherwise the fill
-   ratio of the box tells a square (> ``square_fill``, 1.0 when rendered) from a circle (0.75–0.85
-   when rendered: π/4 plus anti-aliased edge pixels). The mass ratio
-   comes first because blurred circles (fill 0.64–0.80) and triangles (0.56–0.69) overlap in fill ratio.
+3. **Shape from geometry** of each component's mask inside its bounding box: a bar is wide (width ≥
+   ``bar_aspect`` × height; 2 when rendered, circles and triangles 1); a triangle (apex up) has much less mass
+   in its top half than its bottom half (ratio < ``triangle_ratio``); anything else is a circle. Both tests
+   read coarse geometry, which survives blur; the square of the first worlds was told from a circle by the
+   fill of its box, which a generator's rounded corners erased.
 
 Every detection has score 1.0 (a rule-based detector has no confidence), so GenEval's thresholds keep
 them all, and carries its mask (GenEval composites masked objects over grey before colour classification).
@@ -45,22 +45,22 @@ def color_labels(image: torch.Tensor, extra_background: Sequence[float] | None =
     return torch.where(nearest < len(COLORS), nearest, torch.full_like(nearest, -1))
 
 
-def classify_shape(mask: np.ndarray, triangle_ratio: float = 0.6, square_fill: float = 0.88) -> str:
+def classify_shape(mask: np.ndarray, triangle_ratio: float = 0.6, bar_aspect: float = 1.4) -> str:
     """Shape of one component ``mask`` `[h, w]` bool cropped to its bounding box."""
-    h = mask.shape[0]
+    h, w = mask.shape
+    if w >= bar_aspect * h:
+        return "bar"
     top, bottom = mask[: h // 2].sum(), mask[h - h // 2:].sum()
-    if top < triangle_ratio * bottom:
-        return "triangle"
-    return "square" if mask.mean() > square_fill else "circle"
+    return "triangle" if top < triangle_ratio * bottom else "circle"
 
 
 class ShapeDetector:
     """GenEval :class:`~drpo_core.rewards.geneval.detection.Detector` for the shapes world (module docstring)."""
 
-    model_id = "toy-shapes-classical-v1"
+    model_id = "toy-shapes-classical-v2"
 
-    def __init__(self, min_pixels: int = 12, triangle_ratio: float = 0.6, square_fill: float = 0.88):
-        self.min_pixels, self.triangle_ratio, self.square_fill = min_pixels, triangle_ratio, square_fill
+    def __init__(self, min_pixels: int = 12, triangle_ratio: float = 0.6, bar_aspect: float = 1.4):
+        self.min_pixels, self.triangle_ratio, self.bar_aspect = min_pixels, triangle_ratio, bar_aspect
 
     def __call__(self, image: torch.Tensor, classes: Sequence[str] = SHAPES) -> Detections:
         if image.ndim != 3 or image.shape[0] != 3:
@@ -76,7 +76,7 @@ class ShapeDetector:
                 if mask.sum() < self.min_pixels:
                     continue
                 ys, xs = window
-                labels.append(classify_shape(mask[window], self.triangle_ratio, self.square_fill))
+                labels.append(classify_shape(mask[window], self.triangle_ratio, self.bar_aspect))
                 boxes.append([xs.start, ys.start, xs.stop, ys.stop])  # x2, y2 exclusive, as the renderer's boxes
                 masks.append(torch.from_numpy(mask))
         if not labels:

@@ -22,7 +22,7 @@ Three stages, all on renders of the world drawn on the fly (no dataset on disk):
    previous base) adds :class:`PixelFeatures` on the decoded image (random-conv statistics on pixels; 12 more,
    and a decoder backward per step). Translation-invariant statistics are what let the field match objects
    whose positions are random (raw-latent distances alone mostly measure position); the scene encoder's are
-   what make triangles (and boxier squares) come out instead of round blobs.
+   what make triangles come out instead of round blobs.
    Stage 2 runs a fixed number of steps, so the result does not depend on the machine's load.
    With ``caption_noise`` > 0 the positives are **noisily captioned**, as web alt-text is: each named colour of a
    prompt's pool render is another colour with that probability (:func:`~drpo_core.toyworld.prompts.miscaptioned`),

@@ -2,13 +2,13 @@
 
 A :class:`ToyPrompt` is a structured description — one or two groups (kind, count, colour or any) and
 an optional relation — from which come its text (GenEval's wording: "a photo of two red circles",
-"a photo of a circle left of a square"), its GenEval metadata line (djghosh13/geneval
+"a photo of a circle left of a bar"), its GenEval metadata line (djghosh13/geneval
 ``evaluation_metadata.jsonl`` format, so the project's GenEval rules score it unchanged) and its scenes
 (:meth:`ToyPrompt.scene`, deterministic from a seed).
 
 Tasks (GenEval tags): ``single_object`` (a circle, any colour), ``counting`` (two/three shapes, any or
-one named colour), ``colors`` (a red circle), ``two_object`` (a circle and a square), ``position``
-(a circle left of a square) and ``color_attr`` (a red circle and a blue square).
+one named colour), ``colors`` (a red circle), ``two_object`` (a circle and a bar), ``position``
+(a circle left of a bar) and ``color_attr`` (a red circle and a blue bar).
 
 Split: every prompt is either ``train`` or ``heldout`` by a fixed arithmetic rule on the indices of its
 words, chosen so every word (colour, shape, number, relation) still occurs in training; held-out
@@ -112,7 +112,7 @@ def _all_prompts() -> list[tuple[ToyPrompt, bool]]:
     out: list[tuple[ToyPrompt, bool]] = []
     S, C = range(len(SHAPES)), range(len(COLORS))
     for s in S:
-        out.append((ToyPrompt("single_object", (Group(SHAPES[s]),)), SHAPES[s] == "square"))
+        out.append((ToyPrompt("single_object", (Group(SHAPES[s]),)), s == 1))  # "a photo of a bar"
     for s in S:
         for n in (2, 3):
             out.append((ToyPrompt("counting", (Group(SHAPES[s], n),)), (s + n) % 3 == 0))

@@ -11,7 +11,7 @@ border effects) and 2×2-pooled mean/std maps (coarse layout, which the position
   carry little *shape* information (the first committed base drew round blobs).
 - :class:`PixelFeatures` — on the decoded image `[N, 3, 32, 32]` in [-1, 1]: 3×3 convs at 32, 16 and
   8 px (receptive fields 3, 7 and 15 px) respond to edge orientations, corners and whole shapes, so
-  squares (horizontal/vertical edges), triangles (diagonals) and circles have different statistics
+  bars (horizontal/vertical edges), triangles (diagonals) and circles have different statistics
   (12 point sets). Costs a decoder forward and backward per generated sample.
 
 Each returns ``{key: [N, D_key]}``; the drift loss is applied per key and summed.

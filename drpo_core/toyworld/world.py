@@ -1,5 +1,10 @@
 """The shapes world: scenes of 1–3 coloured shapes on a plain background, rendered with PIL.
 
+The kinds are a circle, a **bar** (a wide rectangle, twice as wide as high) and a triangle (apex up). They differ
+in coarse geometry (aspect ratio, top/bottom mass) that survives the blur of a one-step generator's 8×8 latent;
+the first worlds had a square instead of the bar, and the generators drew squares as rounded blobs that no fill
+rule could tell from circles (docs/toyworld.md).
+
 A :class:`Scene` is a list of :class:`Shape` (kind, colour, box); :func:`render` draws it at 4× the
 target size and box-filters down (anti-aliased edges, like a photo's), so a scene is an image `[3, H, W]`
 in [0, 1]. :func:`sample_scene` draws a scene that satisfies a :class:`~drpo_core.toyworld.prompts.ToyPrompt`
@@ -17,13 +22,13 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-SHAPES = ("circle", "square", "triangle")
+SHAPES = ("circle", "bar", "triangle")
 # Saturated, well-separated RGB values (GenEval colour names); the background is a light neutral grey.
 PALETTE = {"red": (215, 40, 40), "green": (40, 165, 60), "blue": (45, 75, 215), "yellow": (235, 200, 30)}
 COLORS = tuple(PALETTE)
 BACKGROUND = (205, 205, 205)
 SIZE = 32  # image side, pixels
-MIN_SIDE, MAX_SIDE = 8, 12  # shape bounding-box side, pixels
+MIN_SIDE, MAX_SIDE = 8, 12  # shape bounding-box width, pixels (the height too, except a bar's)
 GAP = 2  # minimum free pixels between two shapes' boxes
 SUPERSAMPLE = 4
 
@@ -51,7 +56,7 @@ def _draw(draw: ImageDraw.ImageDraw, shape: Shape, k: int) -> None:
     fill = PALETTE[shape.color]
     if shape.kind == "circle":
         draw.ellipse((x1, y1, x2 - 1, y2 - 1), fill=fill)
-    elif shape.kind == "square":
+    elif shape.kind == "bar":  # fills its box, which place() makes half as high as wide
         draw.rectangle((x1, y1, x2 - 1, y2 - 1), fill=fill)
     elif shape.kind == "triangle":  # apex up, base on the bottom edge of the box
         draw.polygon([((x1 + x2) / 2, y1), (x2 - 1, y2 - 1), (x1, y2 - 1)], fill=fill)
@@ -69,6 +74,11 @@ def render(scene: Scene, size: int = SIZE) -> torch.Tensor:
     return torch.from_numpy(np.asarray(small, dtype=np.float32) / 255.0).permute(2, 0, 1).contiguous()
 
 
+def bar_height(width: int) -> int:
+    """A bar is half as high as wide (rounded up)."""
+    return (width + 1) // 2
+
+
 def _separated(box, others, gap: int) -> bool:
     x1, y1, x2, y2 = box
     return all(x2 + gap <= o[0] or o[2] + gap <= x1 or y2 + gap <= o[1] or o[3] + gap <= y1 for o in others)
@@ -83,8 +93,9 @@ def place(kinds_colors: list[tuple[str, str]], rng: random.Random, size: int = S
         for kind, color in kinds_colors:
             for _ in range(100):
                 side = rng.randint(MIN_SIDE, MAX_SIDE)
-                x1, y1 = rng.randint(1, size - side - 1), rng.randint(1, size - side - 1)
-                box = (x1, y1, x1 + side, y1 + side)
+                height = bar_height(side) if kind == "bar" else side
+                x1, y1 = rng.randint(1, size - side - 1), rng.randint(1, size - height - 1)
+                box = (x1, y1, x1 + side, y1 + height)
                 if _separated(box, [s.box for s in shapes], GAP):
                     shapes.append(Shape(kind, color, box))
                     break
