@@ -38,8 +38,8 @@ def pretrain_toy_command(
         fail(f"--feature-space {feature_space!r}: expected one of {', '.join(FEATURE_SPACES)}")
     scene = SceneEncoderSettings(scenes=scene_renders, holdout=min(1000, max(1, scene_renders // 10)), steps=scene_steps)
     settings = PretrainSettings(steps=steps, feature_space=feature_space, vae_steps=vae_steps, max_minutes=max_minutes, seed=seed,
-                                pool_per_prompt=pool_per_prompt, caption_noise=caption_noise, checkpoint_every=checkpoint_every, log_every=log_every,
-                                scene=scene)
+                                pool_per_prompt=pool_per_prompt, caption_noise=caption_noise,
+                                checkpoint_every=checkpoint_every, log_every=log_every, scene=scene)
     output.mkdir(parents=True, exist_ok=True)
     log_file = (output / "pretrain_log.jsonl").open("a")
 
