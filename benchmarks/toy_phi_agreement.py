@@ -15,7 +15,10 @@ be asked the same question about the same generated image:
 On fresh renders both read the scene right (≥ 96 %), so disagreement on generated images is about images off
 the renders' manifold, where φ was never asked to be right.
 
-    .venv/bin/python benchmarks/toy_phi_agreement.py [--model drpo_core/toyworld/base_model] [--json out.json]
+    .venv/bin/python benchmarks/toy_phi_agreement.py [--set model.path=DIR --set features.checkpoint=DIR/scene_encoder]
+        [--json out.json]
+
+The scene encoder is the config's φ (``features.checkpoint``), so another base must name its own encoder too.
 """
 
 from __future__ import annotations
@@ -23,12 +26,13 @@ from __future__ import annotations
 import argparse
 import json
 from collections import Counter
+from pathlib import Path
 
 import torch
 
 from drpo_core.config import load_config
+from drpo_core.features.latent_checkpoint import resolve_latent_resnet_checkpoint
 from drpo_core.models.generator import OneStepGenerator
-from drpo_core.toyworld import SCENE_ENCODER
 from drpo_core.rewards.geneval.detection import Found
 from drpo_core.rewards.geneval.rules import crop_for_color
 from drpo_core.toyworld.detector import PaletteColorClassifier, ShapeDetector
@@ -73,7 +77,9 @@ def main() -> None:
     args = ap.parse_args()
     cfg = load_config([args.config], args.set)
     generator = OneStepGenerator(cfg.model, cfg.lora)
-    encoder, head = load_scene_encoder(SCENE_ENCODER)
+    if not cfg.features.checkpoint:
+        raise SystemExit("features.checkpoint is not set: the config's φ must be a saved scene encoder (e.g. 'toy')")
+    encoder, head = load_scene_encoder(Path(resolve_latent_resnet_checkpoint(cfg.features.checkpoint)).parent)
     detector, classify = ShapeDetector(), PaletteColorClassifier()
     n, all_agree = 0, 0
     table: Counter = Counter()
