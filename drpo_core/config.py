@@ -253,6 +253,8 @@ class TrainerConfig(Section):
     eps: float = Field(1e-8, gt=0)
     grad_clip: float = Field(1.0, gt=0)
     warmup_steps: int = Field(0, ge=0)
+    ema_decay: float = Field(0.0, ge=0, lt=1, description="β of an exponential moving average of the trained weights "
+                             "(0 = off); evaluation, the final grids and exports use it, sampling does not")
     seed: int = 42
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
     log_every: int = Field(1, gt=0)

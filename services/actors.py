@@ -341,8 +341,8 @@ class LearnerActor:
         self.checkpoint_dir = t.save_checkpoint()
         return str(self.checkpoint_dir)
 
-    def save_samples(self, name: str) -> str:
-        return str(self.trainer.save_samples(name))
+    def save_samples(self, name: str, averaged: bool = False) -> str:
+        return str(self.trainer.save_samples(name, averaged=averaged))
 
     def save_before_after(self) -> str:
         return str(self.trainer.save_before_after())

@@ -19,13 +19,14 @@ def _fail(message: str) -> None:
     fail(message)
 
 
-def load_for_eval(cfg, checkpoint: Path | None):
-    """The generator of ``cfg.model`` with ``checkpoint``'s trained weights (LoRA config from the checkpoint)."""
+def load_for_eval(cfg, checkpoint: Path | None, weights: str = "auto"):
+    """The generator of ``cfg.model`` with ``checkpoint``'s trained weights (LoRA config from the checkpoint;
+    ``weights``: auto | ema | raw, see ``checkpoint.trained_weights_file``)."""
     from safetensors.torch import load_file
 
     from drpo_core.config import LoraConfig
     from drpo_core.models.generator import load_generator
-    from drpo_core.training.checkpoint import CheckpointError, latest_checkpoint, model_identity
+    from drpo_core.training.checkpoint import CheckpointError, latest_checkpoint, model_identity, trained_weights_file
 
     if checkpoint is None:
         return load_generator(cfg.model, cfg.lora)
@@ -36,7 +37,7 @@ def load_for_eval(cfg, checkpoint: Path | None):
     generator = load_generator(cfg.model, LoraConfig(**state["lora"]))
     if state["base_model"] != model_identity(generator):
         raise CheckpointError(f"checkpoint {folder} was trained on a different base model than model.path {cfg.model.path!r}")
-    generator.load_trainable_state_dict(load_file(str(folder / "trainable.safetensors")))
+    generator.load_trainable_state_dict(load_file(str(trained_weights_file(folder, weights))))
     generator.merge_lora()
     return generator
 
@@ -71,6 +72,8 @@ def eval_command(
     set_: list[str] = typer.Option([], "--set", "-s", help="override one config field"),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="checkpoint folder, or a run folder (its newest)"),
     base: bool = typer.Option(False, "--base", help="evaluate the base model (no checkpoint)"),
+    weights: str = typer.Option("auto", "--weights", help="a checkpoint's ema (moving average, trainer.ema_decay), raw "
+                                "(the optimizer's weights) or auto (ema when the run kept one)"),
     prompts: Optional[str] = typer.Option(None, "--prompts", help="toy-heldout | toy-train | toy-all | train | heldout "
                                           "(default: the config's held-out set) or a .jsonl (GenEval metadata) / .txt file"),
     seeds: str = typer.Option("0-3", "--seeds", help="noise seeds, e.g. 0-3 or 0,5,9-12"),
@@ -92,20 +95,23 @@ def eval_command(
         _fail(f"{output_dir}/eval.json exists; choose a new --output-dir (nothing is overwritten)")
     cfg = load(config, set_)
     from drpo_core.models.model_arch import ModelLoadError
-    from drpo_core.training.checkpoint import CheckpointError
+    from drpo_core.training.checkpoint import CheckpointError, EMA_FILE, latest_checkpoint, trained_weights_file
     from drpo_core.training.eval_suite import parse_seeds, resolve_prompts
 
     try:
         seed_list = parse_seeds(seeds)
         prompt_list = resolve_prompts(prompts, cfg.prompts)
         reward_fns = select_rewards(cfg, rewards)
-        generator = load_for_eval(cfg, checkpoint)
+        generator = load_for_eval(cfg, checkpoint, weights)
+        used = None if checkpoint is None else trained_weights_file(
+            checkpoint if (checkpoint / "state.json").is_file() else latest_checkpoint(checkpoint), weights)
     except (ValueError, CheckpointError, ModelLoadError) as e:
         _fail(str(e))
     t0 = time.perf_counter()
     record = write_eval(cfg, generator, reward_fns, prompt_list, seed_list, base=base, output_dir=output_dir,
                         source={"config": [str(c) for c in config], "set": list(set_), "model": cfg.model.path,
                                 "checkpoint": None if checkpoint is None else str(checkpoint), "base": base,
+                                "weights": None if used is None else ("ema" if used.name == EMA_FILE else "raw"),
                                 "prompts": prompts or "heldout"},
                         grid_prompts=grid_prompts, grid_seeds=grid_seeds)
     for label, entry in record["rewards"].items():

@@ -248,8 +248,8 @@ class Controller:
         except Exception as e:  # e.g. interrupted mid-update: the learner is a version ahead of this step
             log.warning("no checkpoint of the interrupted step (%s); the last periodic one stands", short_error(e))
 
-    def save_samples(self, name: str) -> str:
-        return str(self.wait_learner(self.rt.learner.save_samples.remote(name), self.cfg.runtime.update_timeout_s))
+    def save_samples(self, name: str, averaged: bool = False) -> str:
+        return str(self.wait_learner(self.rt.learner.save_samples.remote(name, averaged), self.cfg.runtime.update_timeout_s))
 
     def finish(self, tracker: RunTracker) -> dict:
         """The local trainer's final outputs: last checkpoint and grid, reward curve, before/after grid, held-out eval."""
@@ -257,7 +257,7 @@ class Controller:
         checkpoint = out / "checkpoints" / f"step_{self.step}"
         if not (checkpoint / "state.json").is_file():
             self.save_checkpoint()
-        final = {"samples": self.save_samples(f"step_{self.step}"), "checkpoint": str(checkpoint), "metrics": str(out / "metrics.jsonl")}
+        final = {"samples": self.save_samples(f"step_{self.step}", averaged=True), "checkpoint": str(checkpoint), "metrics": str(out / "metrics.jsonl")}
         tracker.image("samples", final["samples"], self.step)
         final["reward_curve"] = str(plot_reward_curve(out / "metrics.jsonl", out / "plots" / "reward_curve.png"))
         final["before_after"] = str(self.wait_learner(self.rt.learner.save_before_after.remote(), timeout))

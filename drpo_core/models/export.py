@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from drpo_core.training.checkpoint import latest_checkpoint
+from drpo_core.training.checkpoint import EMA_FILE, latest_checkpoint
 from drpo_core.models.generator import resolve_model_path
 from drpo_core.models.model_arch import KIND_PIPELINE
 from drpo_core.models.model_card import write_model_card, write_peft_adapter
@@ -79,7 +79,7 @@ def export_checkpoint(checkpoint: Path, out: Path, full_pipeline: bool = False) 
         written["pipeline"] = str(out)
     provenance = {"checkpoint": str(folder.resolve()), "step": state["step"], "version": state["version"],
                   "base_model": model["path"], "kind": model["kind"], "resolution": model["resolution"],
-                  "lora": lora, "sample_with": {"num_inference_steps": 1, "guidance_scale": 0.0,
+                  "lora": lora, "weights": "ema" if (folder / EMA_FILE).is_file() else "raw", "sample_with": {"num_inference_steps": 1, "guidance_scale": 0.0,
                                                 "height": model["resolution"], "width": model["resolution"]}}
     (out / "drpo_export.json").write_text(json.dumps(provenance, indent=2))
     written["provenance"] = str(out / "drpo_export.json")

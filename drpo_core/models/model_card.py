@@ -22,7 +22,9 @@ def write_peft_adapter(folder: Path, state: dict, out: Path) -> Path:
     from safetensors.torch import load_file, save_file
 
     lora, model = state["lora"], state["model"]
-    tensors = load_file(str(folder / "trainable.safetensors"))  # peft naming with the adapter name stripped
+    from drpo_core.training.checkpoint import trained_weights_file
+
+    tensors = load_file(str(trained_weights_file(folder)))  # peft naming with the adapter name stripped; θ_ema when kept
     save_file({PEFT_PREFIX + k: v.contiguous() for k, v in tensors.items()}, str(out / "adapter_model.safetensors"),
               metadata={"format": "pt"})
     PeftLoraConfig(r=lora["rank"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"], target_modules=lora["target_modules"],
@@ -72,7 +74,8 @@ def write_model_card(folder: Path, state: dict, out: Path, full_pipeline: bool) 
 def read_lora(init_from: str, revision: str | None = None) -> dict:
     """LoRA tensors in peft naming (adapter name stripped) from any of the folders users have:
 
-        a drpo run or checkpoint folder   trainable.safetensors (the newest checkpoint of a run)
+        a drpo run or checkpoint folder   ema.safetensors if the run kept a moving average, else
+                                          trainable.safetensors (the newest checkpoint of a run)
         a PEFT adapter folder             adapter_model.safetensors (PeftModel.save_pretrained, drpo export)
         a diffusers LoRA folder           pytorch_lora_weights.safetensors (save_lora_weights, drpo export)
 
@@ -82,12 +85,12 @@ def read_lora(init_from: str, revision: str | None = None) -> dict:
     from safetensors.torch import load_file
 
     from drpo_core.models.hub import resolve_pretrained
-    from drpo_core.training.checkpoint import latest_checkpoint
+    from drpo_core.training.checkpoint import latest_checkpoint, trained_weights_file
 
     folder = resolve_pretrained(init_from, "lora.init_from", want="dir", revision=revision)
     folder = latest_checkpoint(folder) or folder
     if (folder / "trainable.safetensors").is_file():
-        return load_file(str(folder / "trainable.safetensors"))
+        return load_file(str(trained_weights_file(folder)))
     if (folder / "adapter_model.safetensors").is_file():
         return {k.removeprefix(PEFT_PREFIX): v for k, v in load_file(str(folder / "adapter_model.safetensors")).items()}
     if (folder / "pytorch_lora_weights.safetensors").is_file():

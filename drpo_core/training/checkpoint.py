@@ -5,6 +5,8 @@ Layout of ``checkpoints/step_<N>/``::
     pytorch_lora_weights.safetensors   LoRA in the diffusers layout (pipe.load_lora_weights loads it)
     unet/                              full fine-tuning only: the UNet (save_pretrained, safetensors)
     trainable.safetensors              the trained tensors in peft naming (exact resume)
+    ema.safetensors                    trainer.ema_decay > 0: their moving average, same names; the LoRA file
+                                       and unet/ above then hold the average too (what users load)
     optimizer.safetensors              optimizer state tensors + RNG states
     state.json                         step, weight version, sampler position, scheduler and
                                        optimizer hyper-parameters, base-model identity, the model
@@ -13,6 +15,7 @@ Layout of ``checkpoints/step_<N>/``::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -21,6 +24,9 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+
+
+EMA_FILE = "ema.safetensors"
 
 
 class CheckpointError(ValueError):
@@ -58,10 +64,14 @@ def save_checkpoint(folder: Path, *, generator, learner, step: int, sampler_stat
     tmp.mkdir(parents=True)
     trainable = generator.trainable_state_dict()
     save_file({k: v.contiguous() for k, v in trainable.items()}, str(tmp / "trainable.safetensors"))
-    if generator.lora_cfg.enabled:
-        export_lora(generator, tmp)
-    else:
-        generator.unet.save_pretrained(tmp / "unet")
+    ema = getattr(learner, "ema", None)
+    if ema is not None:
+        save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, str(tmp / EMA_FILE))
+    with ema.applied() if ema is not None else contextlib.nullcontext():  # the deployable files hold θ_ema
+        if generator.lora_cfg.enabled:
+            export_lora(generator, tmp)
+        else:
+            generator.unet.save_pretrained(tmp / "unet")
     learner_state = learner.state()
     opt_tensors, opt_meta = _flatten_optimizer(learner_state["optimizer"])
     opt_tensors["rng.torch_cpu"] = torch.get_rng_state()
@@ -79,6 +89,7 @@ def save_checkpoint(folder: Path, *, generator, learner, step: int, sampler_stat
         "base_model": model_identity(generator),
         "model": generator.cfg.model_dump(mode="json"),
         "lora": generator.lora_cfg.model_dump(mode="json"),
+        "ema": None if ema is None else {"decay": ema.decay, "steps": ema.steps},
         **(extra or {}),
     }
     (tmp / "state.json").write_text(json.dumps(state, indent=2, default=float))
@@ -138,6 +149,11 @@ def load_checkpoint(folder: Path, *, generator, learner) -> dict:
         detail = next((line.strip() for line in str(e).splitlines() if "mismatch" in line or "Missing" in line or "Unexpected" in line),
                       str(e).splitlines()[0])
         raise CheckpointError(f"checkpoint {folder} does not fit this model: {detail}") from None
+    ema = getattr(learner, "ema", None)
+    if ema is not None and (folder / EMA_FILE).is_file():
+        ema.load_state_dict(load_file(str(folder / EMA_FILE)), (state.get("ema") or {}).get("steps", state["version"]))
+    elif ema is not None:  # a checkpoint of a run without an average: average from here on
+        ema.reset()
     tensors = load_file(str(folder / "optimizer.safetensors"))
     learner.load_state({"optimizer": _unflatten_optimizer(tensors, state["optimizer"]),
                         "scheduler": state["scheduler"], "version": state["version"], "scaler": state.get("scaler")})
@@ -146,6 +162,20 @@ def load_checkpoint(folder: Path, *, generator, learner) -> dict:
     if cuda_states and torch.cuda.is_available() and len(cuda_states) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(cuda_states)
     return state
+
+
+def trained_weights_file(folder: Path, weights: str = "auto") -> Path:
+    """The file of a checkpoint's trained tensors: ``ema`` (the moving average), ``raw`` (the optimizer's
+    weights) or ``auto`` (the average when the run kept one). CheckpointError if ``ema`` is asked of a run without."""
+    folder = Path(folder)
+    if weights not in ("auto", "ema", "raw"):
+        raise CheckpointError(f"weights {weights!r} is not one of auto, ema, raw")
+    if weights == "ema" and not (folder / EMA_FILE).is_file():
+        raise CheckpointError(f"checkpoint {folder} has no moving average ({EMA_FILE}): its run had trainer.ema_decay 0; "
+                              "use the raw weights")
+    if weights != "raw" and (folder / EMA_FILE).is_file():
+        return folder / EMA_FILE
+    return folder / "trainable.safetensors"
 
 
 _STEP_FOLDER = re.compile(r"step_(\d+)")

@@ -19,6 +19,7 @@ from drpo_core.algorithms.groups import CandidateGroup, stable_seed
 from drpo_core.algorithms.loss import drpo_group_loss
 from drpo_core.algorithms.ranking import select_anchors
 from drpo_core.training import data_parallel
+from drpo_core.training.ema import TrainableEMA
 from drpo_core.training.objectives import build_objective
 
 
@@ -62,6 +63,12 @@ class DrpoLearner:
         self.scaler = torch.amp.GradScaler("cuda", enabled=fp16)
         self.version = 0  # number of optimizer updates applied
         self.objective = build_objective(generator, encoder, algo, rewards)
+        # θ_ema for evaluation and export; the candidates keep coming from θ (on-policy)
+        self.ema = TrainableEMA(generator, trainer.ema_decay) if trainer.ema_decay > 0 else None
+
+    def averaged_weights(self):
+        """Context in which the generator holds the weights users get: θ_ema when kept, else θ."""
+        return self.ema.applied() if self.ema is not None else contextlib.nullcontext()
 
     def update(self, groups: list[CandidateGroup]) -> dict[str, float]:
         if self.objective is not None:
@@ -127,6 +134,8 @@ class DrpoLearner:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
+        if self.ema is not None:
+            self.ema.step()
         self.version += 1
         stats.update(sums)
         stats.update({"loss": total, "update/policy_lag": lag / n})
@@ -219,7 +228,7 @@ class DrpoLearner:
     # -- state ------------------------------------------------------------------------------------
     def state(self) -> dict:
         return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(), "version": self.version,
-                "scaler": self.scaler.state_dict()}
+                "scaler": self.scaler.state_dict(), "ema": None if self.ema is None else self.ema.state()}
 
     def load_state(self, state: dict) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
@@ -227,3 +236,5 @@ class DrpoLearner:
         self.version = int(state["version"])
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
+        if self.ema is not None and state.get("ema"):  # the data-parallel broadcast; checkpoints use ema.safetensors
+            self.ema.load_state(state["ema"])

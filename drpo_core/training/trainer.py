@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -149,19 +150,23 @@ class DrpoTrainer:
         fn = next(iter(self.scorer.rewards.values()))[0]
         return fn.color_of(prompt) if hasattr(fn, "color_of") else prompt
 
-    def save_samples(self, name: str, base: bool = False) -> Path:
+    def save_samples(self, name: str, base: bool = False, averaged: bool = False) -> Path:
+        """A grid of held-out prompts × seeds from the policy (``averaged``: its moving average, when kept)."""
         prompts = self.sample_prompts()
         seeds = heldout_seeds(self.cfg.trainer.eval_seeds, "grid")
-        _, images = self.generator.generate([p for p in prompts for _ in seeds], [s for _ in prompts for s in seeds], base=base)
+        with self.learner.averaged_weights() if averaged else contextlib.nullcontext():
+            _, images = self.generator.generate([p for p in prompts for _ in seeds], [s for _ in prompts for s in seeds], base=base)
         return save_grid(images, prompts, seeds, self.output_dir / "samples" / f"{name}.png")
 
     def save_before_after(self) -> Path:
-        """Base (top rows) and current policy (bottom rows) on the same held-out prompts and seeds."""
+        """Base (top rows) and the trained policy (bottom rows; its moving average when kept) on the same
+        held-out prompts and seeds."""
         prompts = self.sample_prompts()
         seeds = heldout_seeds(self.cfg.trainer.eval_seeds, "grid")
         pairs = ([p for p in prompts for _ in seeds], [s for _ in prompts for s in seeds])
         base = self.generator.generate(*pairs, base=True)[1]
-        policy = self.generator.generate(*pairs)[1]
+        with self.learner.averaged_weights():
+            policy = self.generator.generate(*pairs)[1]
         return save_before_after(base, policy, prompts, seeds, self.output_dir / "samples" / "before_after.png")
 
     def save_checkpoint(self) -> Path:
@@ -181,7 +186,8 @@ class DrpoTrainer:
     def evaluate(self, seeds: int = 16) -> dict:
         fn = next(iter(self.scorer.rewards.values()))[0]
         prompts = heldout_prompts(self.cfg.prompts) if not self.cfg.prompts.file else training_prompts(self.cfg.prompts)
-        return evaluate(self.generator, fn, prompts, heldout_seeds(seeds), group_of=getattr(fn, "color_of", None))
+        with self.learner.averaged_weights():
+            return evaluate(self.generator, fn, prompts, heldout_seeds(seeds), group_of=getattr(fn, "color_of", None))
 
     def run(self, on_step: Callable[[dict], None] | None = None, resume: Path | None = None) -> dict:
         """The whole job: resume if asked, train ``trainer.steps`` steps, write every output."""
@@ -218,7 +224,7 @@ class DrpoTrainer:
         checkpoint = out / "checkpoints" / f"step_{self.step}"
         if not (checkpoint / "state.json").is_file():
             self.save_checkpoint()
-        final = {"samples": str(self.save_samples(f"step_{self.step}")), "checkpoint": str(checkpoint),
+        final = {"samples": str(self.save_samples(f"step_{self.step}", averaged=True)), "checkpoint": str(checkpoint),
                  "metrics": str(out / "metrics.jsonl")}
         tracker.image("samples", final["samples"], self.step)
         final["reward_curve"] = str(plot_reward_curve(out / "metrics.jsonl", out / "plots" / "reward_curve.png"))
