@@ -22,6 +22,8 @@ def pretrain_toy_command(
     caption_noise: float = typer.Option(0.0, "--caption-noise", min=0.0, max=1.0,
                                         help="per named colour, the chance that a positive render shows another colour "
                                              "(noisy captions, as web alt-text has; 0 = every render shows its caption)"),
+    task_weights: str = typer.Option("", "--task-weights", help="stage 2's task mix, e.g. color_attr=0.35,counting=0.25 "
+                                     "(unnamed tasks keep their defaults: drpo_core/toyworld/prompts.py PRETRAIN_TASK_WEIGHTS)"),
     pool_per_prompt: int = typer.Option(96, "--pool-per-prompt", min=1, help="encoded renders per training prompt"),
     checkpoint_every: int = typer.Option(0, "--checkpoint-every", min=0, help="also save OUTPUT/checkpoints/step-N every N steps"),
     seed: int = typer.Option(0, "--seed"),
@@ -36,9 +38,15 @@ def pretrain_toy_command(
         fail(f"--output {output} exists and is not an empty folder; choose a new one (nothing is overwritten)")
     if feature_space not in FEATURE_SPACES:
         fail(f"--feature-space {feature_space!r}: expected one of {', '.join(FEATURE_SPACES)}")
+    from drpo_core.toyworld.prompts import task_weights as parse_task_weights
+
+    try:
+        weights = parse_task_weights(task_weights)
+    except ValueError as e:
+        fail(f"--task-weights: {e}")
     scene = SceneEncoderSettings(scenes=scene_renders, holdout=min(1000, max(1, scene_renders // 10)), steps=scene_steps)
     settings = PretrainSettings(steps=steps, feature_space=feature_space, vae_steps=vae_steps, max_minutes=max_minutes, seed=seed,
-                                pool_per_prompt=pool_per_prompt, caption_noise=caption_noise,
+                                pool_per_prompt=pool_per_prompt, caption_noise=caption_noise, task_weights=weights,
                                 checkpoint_every=checkpoint_every, log_every=log_every, scene=scene)
     output.mkdir(parents=True, exist_ok=True)
     log_file = (output / "pretrain_log.jsonl").open("a")

@@ -21,7 +21,7 @@ def toy_model(tmp_path_factory):
     out = tmp_path_factory.mktemp("toy") / "base"
     result = runner.invoke(app, ["pretrain-toy", "--output", str(out), "--steps", "3", "--vae-steps", "2",
                                  "--pool-per-prompt", "2", "--scene-steps", "2", "--scene-renders", "40", "--log-every", "1",
-                                 "--caption-noise", "0.5"])
+                                 "--caption-noise", "0.5", "--task-weights", "color_attr=0.35"])
     assert result.exit_code == 0, result.output
     return out
 
@@ -37,6 +37,7 @@ def test_pretrain_toy_writes_a_pipeline_the_generator_loads(toy_model):
     assert [r["step"] for r in log if r.get("stage") == "generator"] == [1, 2, 3]
     summary = json.loads((toy_model / "pretrain_summary.json").read_text())
     assert summary["generator_steps"] == 3 and summary["settings"]["caption_noise"] == 0.5
+    assert summary["settings"]["task_weights"]["color_attr"] == 0.35 and summary["settings"]["task_weights"]["counting"] == 0.4
     assert (toy_model / "unet" / "diffusion_pytorch_model.safetensors").is_file()
     assert (toy_model / "scene_encoder" / "model.safetensors").is_file()  # the φ it was pretrained with
     gen = OneStepGenerator(ModelConfig(path=str(toy_model), resolution=32), LoraConfig(enabled=False))
@@ -161,3 +162,11 @@ def test_pretrain_toy_rejects_an_unknown_feature_space(tmp_path):
     result = runner.invoke(app, ["pretrain-toy", "--output", str(tmp_path / "out"), "--feature-space", "pixels"])
     assert result.exit_code == 2
     assert "--feature-space 'pixels'" in result.output and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("spec, message", [("colour_attr=0.3", "unknown task 'colour_attr'"), ("color_attr=lots", "is not a number"),
+                                           ("color_attr", "expected task=weight"), ("counting=-1", "negative")])
+def test_pretrain_toy_rejects_bad_task_weights(tmp_path, spec, message):
+    result = runner.invoke(app, ["pretrain-toy", "--output", str(tmp_path / "out"), "--task-weights", spec])
+    assert result.exit_code == 2
+    assert message in result.output and len(result.output.strip().splitlines()) == 1 and not (tmp_path / "out").exists()

@@ -9,7 +9,7 @@ import torch
 
 from drpo_core.rewards.geneval import parse_metadata, relative_position
 from drpo_core.toyworld.detector import PaletteColorClassifier, ShapeDetector, classify_shape, toy_geneval_reward
-from drpo_core.toyworld.prompts import TOY_TASKS, find_prompt, toy_prompts
+from drpo_core.toyworld.prompts import PRETRAIN_TASK_WEIGHTS, TOY_TASKS, find_prompt, pretraining_sampler, task_weights, toy_prompts
 from drpo_core.toyworld.world import BACKGROUND, GAP, PALETTE, SIZE, render
 
 SAMPLE = toy_prompts("all")[::5]  # every task, every word
@@ -160,3 +160,17 @@ def test_miscaptioned_changes_named_colours_at_the_given_rate_and_nothing_else()
             changed[i] += h.color != g.color
     assert all(abs(c / 2000 - 0.3) < 0.04 for c in changed), changed
     assert all(h.color != g.color for s in range(50) for g, h in zip(two.groups, miscaptioned(two, s, 1.0).groups))
+
+
+def test_pretraining_task_mix_follows_the_weights():
+    assert task_weights() == PRETRAIN_TASK_WEIGHTS and task_weights("") == PRETRAIN_TASK_WEIGHTS
+    only = task_weights({t: 0.0 for t in TOY_TASKS if t != "color_attr"})
+    assert {p.tag for p in pretraining_sampler(0, weights=only)(200)} == {"color_attr"}
+    heavy = task_weights("color_attr=0.7,counting=0.1")
+    tags = [p.tag for p in pretraining_sampler(0, weights=heavy)(4000)]
+    share = tags.count("color_attr") / len(tags)
+    assert abs(share - 0.7 / sum(heavy.values())) < 0.03  # 4000 draws: s.e. ≈ 0.007
+    default = [p.text for p in pretraining_sampler(3)(50)]
+    assert default == [p.text for p in pretraining_sampler(3, weights=dict(PRETRAIN_TASK_WEIGHTS))(50)]  # the committed base's stream
+    with pytest.raises(ValueError, match="all weights are 0"):
+        task_weights({t: 0 for t in TOY_TASKS})

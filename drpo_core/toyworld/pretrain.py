@@ -45,7 +45,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from drpo_core.algorithms.drift import drift_loss
-from drpo_core.toyworld.prompts import ToyPrompt, miscaptioned, pretraining_sampler, toy_prompts
+from drpo_core.toyworld.prompts import PRETRAIN_TASK_WEIGHTS, ToyPrompt, miscaptioned, pretraining_sampler, toy_prompts
 from drpo_core.toyworld.scene_encoder import FOLDER as SCENE_FOLDER
 from drpo_core.toyworld.scene_encoder import SceneEncoderSettings, save_scene_encoder, train_scene_encoder
 from drpo_core.toyworld.toy_features import LatentFeatures, PixelFeatures
@@ -71,6 +71,7 @@ class PretrainSettings:
     radii: tuple[float, ...] = (0.02, 0.05, 0.2)
     feature_space: str = "latent+scene"  # one of FEATURE_SPACES (module docstring)
     caption_noise: float = 0.0  # per named colour, the chance that a positive shows another colour (web-like captions)
+    task_weights: dict[str, float] = field(default_factory=lambda: dict(PRETRAIN_TASK_WEIGHTS))  # stage 2's task mix
     scene: SceneEncoderSettings = field(default_factory=SceneEncoderSettings)  # stage 1b, for "latent+scene"
     seed: int = 0
     max_minutes: float = 0.0  # stop stage 2 early after this wall time (0 = no limit)
@@ -262,7 +263,7 @@ def pretrain_toy(output: str | Path, settings: PretrainSettings = PretrainSettin
     features = ToyPhi(s.seed, decoder=vae if pixel else None, scene=scene)
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=s.lr)
-    draw = pretraining_sampler(s.seed)
+    draw = pretraining_sampler(s.seed, weights=s.task_weights)  # stages 1 and 1b keep the default mix
     t1_pool = time.time()
     pool = PositivePool(toy_prompts("train"), s.pool_per_prompt, vae, decoded=pixel, caption_noise=s.caption_noise)
     log({"stage": "pool", "renders": int(pool.latents.shape[0] * pool.latents.shape[1]), "seconds": round(time.time() - t1_pool, 1)})

@@ -164,12 +164,37 @@ def write_metadata_jsonl(prompts, path: str | Path) -> Path:
     return path
 
 
-def pretraining_sampler(seed: int, split: str = "train"):
-    """``draw(n) -> list[ToyPrompt]``: a task by :data:`PRETRAIN_TASK_WEIGHTS`, then a prompt of it, n times."""
+def task_weights(overrides: str | dict | None = None) -> dict[str, float]:
+    """:data:`PRETRAIN_TASK_WEIGHTS` with ``overrides`` (a dict, or ``"color_attr=0.35,counting=0.25"``) applied;
+    ValueError naming an unknown task, a value that is not a number ≥ 0, or weights that sum to 0."""
+    weights = dict(PRETRAIN_TASK_WEIGHTS)
+    if isinstance(overrides, str):
+        pairs = [item.split("=", 1) for item in overrides.split(",") if item.strip()]
+        if any(len(pair) != 2 for pair in pairs):
+            raise ValueError(f"task weights {overrides!r}: expected task=weight, comma-separated")
+        overrides = {k.strip(): v.strip() for k, v in pairs}
+    for task, value in (overrides or {}).items():
+        if task not in weights:
+            raise ValueError(f"task weights: unknown task {task!r}; tasks are {', '.join(TOY_TASKS)}")
+        try:
+            weights[task] = float(value)
+        except ValueError:
+            raise ValueError(f"task weights: {task}={value!r} is not a number") from None
+        if not weights[task] >= 0:
+            raise ValueError(f"task weights: {task}={value} is negative")
+    if sum(weights.values()) <= 0:
+        raise ValueError("task weights: all weights are 0")
+    return weights
+
+
+def pretraining_sampler(seed: int, split: str = "train", weights: dict[str, float] | None = None):
+    """``draw(n) -> list[ToyPrompt]``: a task by ``weights`` (default :data:`PRETRAIN_TASK_WEIGHTS`), then a
+    prompt of it, n times."""
+    weights_of = weights or PRETRAIN_TASK_WEIGHTS
     rng = random.Random(seed)
-    by_task = {t: toy_prompts(split, (t,)) for t in PRETRAIN_TASK_WEIGHTS}
-    tasks = [t for t in by_task if by_task[t]]
-    weights = [PRETRAIN_TASK_WEIGHTS[t] for t in tasks]
+    by_task = {t: toy_prompts(split, (t,)) for t in weights_of}
+    tasks = [t for t in by_task if by_task[t] and weights_of[t] > 0]
+    weights = [weights_of[t] for t in tasks]
 
     def draw(n: int) -> list[ToyPrompt]:
         return [rng.choice(by_task[t]) for t in rng.choices(tasks, weights, k=n)]
