@@ -42,7 +42,7 @@ demo: install
 	$(VENV)/bin/drpo eval compare $(RUN_DIR)/eval-base/eval.json $(RUN_DIR)/eval-final/eval.json --json $(RUN_DIR)/compare.json
 	@echo "curves:      $(RUN_DIR)/plots/reward_curve.png, $(RUN_DIR)/metrics.jsonl, $(RUN_DIR)/tensorboard/"
 	@echo "image grids: $(RUN_DIR)/eval-final/before_after.png (held-out prompts, captioned, green/red = GenEval pass/fail), $(RUN_DIR)/samples/"
-	@echo "checkpoint:  $(RUN_DIR)/checkpoints/ (full UNet, diffusers layout: checkpoints/step_<N>/unet/)"
+	@echo "checkpoint:  $(RUN_DIR)/checkpoints/ (full UNet, diffusers layout: checkpoints/step_<N>/unet/ holds the moving average, ema.safetensors too)"
 	@echo "eval:        $(RUN_DIR)/eval-base/eval.json, $(RUN_DIR)/eval-final/eval.json (GenEval layout in */samples/), $(RUN_DIR)/compare.json"
 
 demo-toy: demo

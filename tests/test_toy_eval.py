@@ -37,7 +37,7 @@ def test_pretrain_toy_writes_a_pipeline_the_generator_loads(toy_model):
     assert [r["step"] for r in log if r.get("stage") == "generator"] == [1, 2, 3]
     summary = json.loads((toy_model / "pretrain_summary.json").read_text())
     assert summary["generator_steps"] == 3 and summary["settings"]["caption_noise"] == 0.5
-    assert summary["settings"]["task_weights"]["color_attr"] == 0.35 and summary["settings"]["task_weights"]["counting"] == 0.4
+    assert summary["settings"]["task_weights"]["color_attr"] == 0.35 and summary["settings"]["task_weights"]["counting"] == 0.25
     assert (toy_model / "unet" / "diffusion_pytorch_model.safetensors").is_file()
     assert (toy_model / "scene_encoder" / "model.safetensors").is_file()  # the φ it was pretrained with
     gen = OneStepGenerator(ModelConfig(path=str(toy_model), resolution=32), LoraConfig(enabled=False))

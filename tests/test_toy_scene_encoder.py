@@ -11,7 +11,7 @@ import torch
 from drpo_core.config import FeaturesConfig
 from drpo_core.features import build_encoder
 from drpo_core.toyworld import BASE_MODEL, SCENE_ENCODER
-from drpo_core.toyworld.prompts import pretraining_sampler
+from drpo_core.toyworld.prompts import RENDER_TASK_WEIGHTS, pretraining_sampler
 from drpo_core.toyworld.scene_encoder import (ARCHITECTURE, CLASSES, SceneEncoderSettings, count_labels, encode_renders,
                                               load_scene_encoder, save_scene_encoder, scene_accuracy, train_scene_encoder)
 from drpo_core.toyworld.world import Shape
@@ -79,7 +79,7 @@ def test_committed_encoder_reads_fresh_renders():
     """The committed φ (``features.checkpoint: toy``) counts each colour × kind on renders it never saw."""
     vae = _toy_vae()
     encoder, head = load_scene_encoder(SCENE_ENCODER)
-    prompts = pretraining_sampler(999)(200)
+    prompts = pretraining_sampler(999, weights=RENDER_TASK_WEIGHTS)(200)  # the mix it was trained on
     scenes = [p.scene(5 * 10**7 + i) for i, p in enumerate(prompts)]
     mean, _ = encode_renders(vae, scenes)
     accuracy = scene_accuracy(encoder, head, mean * vae.config.scaling_factor, count_labels(scenes))

@@ -9,7 +9,7 @@ import torch
 
 from drpo_core.rewards.geneval import parse_metadata, relative_position
 from drpo_core.toyworld.detector import PaletteColorClassifier, ShapeDetector, classify_shape, toy_geneval_reward
-from drpo_core.toyworld.prompts import PRETRAIN_TASK_WEIGHTS, TOY_TASKS, find_prompt, pretraining_sampler, task_weights, toy_prompts
+from drpo_core.toyworld.prompts import PRETRAIN_TASK_WEIGHTS, RENDER_TASK_WEIGHTS, TOY_TASKS, find_prompt, pretraining_sampler, task_weights, toy_prompts
 from drpo_core.toyworld.world import BACKGROUND, GAP, PALETTE, SIZE, render
 
 SAMPLE = toy_prompts("all")[::5]  # every task, every word
@@ -172,5 +172,8 @@ def test_pretraining_task_mix_follows_the_weights():
     assert abs(share - 0.7 / sum(heavy.values())) < 0.03  # 4000 draws: s.e. ≈ 0.007
     default = [p.text for p in pretraining_sampler(3)(50)]
     assert default == [p.text for p in pretraining_sampler(3, weights=dict(PRETRAIN_TASK_WEIGHTS))(50)]  # the committed base's stream
+    # the autoencoder and scene encoder draw from their own, counting-heavy mix
+    renders = [p.tag for p in pretraining_sampler(3, weights=RENDER_TASK_WEIGHTS)(4000)]
+    assert abs(renders.count("counting") / 4000 - 0.4) < 0.03 and abs(renders.count("color_attr") / 4000 - 0.1) < 0.03
     with pytest.raises(ValueError, match="all weights are 0"):
         task_weights({t: 0 for t in TOY_TASKS})

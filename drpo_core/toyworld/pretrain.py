@@ -45,7 +45,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from drpo_core.algorithms.drift import drift_loss
-from drpo_core.toyworld.prompts import PRETRAIN_TASK_WEIGHTS, ToyPrompt, miscaptioned, pretraining_sampler, toy_prompts
+from drpo_core.toyworld.prompts import PRETRAIN_TASK_WEIGHTS, RENDER_TASK_WEIGHTS, ToyPrompt, miscaptioned, pretraining_sampler, toy_prompts
 from drpo_core.toyworld.scene_encoder import FOLDER as SCENE_FOLDER
 from drpo_core.toyworld.scene_encoder import SceneEncoderSettings, save_scene_encoder, train_scene_encoder
 from drpo_core.toyworld.toy_features import LatentFeatures, PixelFeatures
@@ -121,7 +121,7 @@ class ToyOneStep:
 
 def train_autoencoder(vae, s: PretrainSettings, log: Callable[[dict], None]) -> float:
     """Stage 1; returns the latent scaling factor (1 / std of the posterior means)."""
-    draw = pretraining_sampler(s.seed + 1)
+    draw = pretraining_sampler(s.seed + 1, weights=RENDER_TASK_WEIGHTS)
     opt = torch.optim.AdamW(vae.parameters(), lr=s.vae_lr)
     vae.train()
     start, seed = time.time(), 10**6
@@ -263,7 +263,7 @@ def pretrain_toy(output: str | Path, settings: PretrainSettings = PretrainSettin
     features = ToyPhi(s.seed, decoder=vae if pixel else None, scene=scene)
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=s.lr)
-    draw = pretraining_sampler(s.seed, weights=s.task_weights)  # stages 1 and 1b keep the default mix
+    draw = pretraining_sampler(s.seed, weights=s.task_weights)  # stages 1 and 1b draw from RENDER_TASK_WEIGHTS
     t1_pool = time.time()
     pool = PositivePool(toy_prompts("train"), s.pool_per_prompt, vae, decoded=pixel, caption_noise=s.caption_noise)
     log({"stage": "pool", "renders": int(pool.latents.shape[0] * pool.latents.shape[1]), "seconds": round(time.time() - t1_pool, 1)})

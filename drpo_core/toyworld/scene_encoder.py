@@ -36,7 +36,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from drpo_core.features.latent import LatentResNetEncoder
-from drpo_core.toyworld.prompts import pretraining_sampler
+from drpo_core.toyworld.prompts import RENDER_TASK_WEIGHTS, pretraining_sampler
 from drpo_core.toyworld.world import COLORS, SHAPES, Scene, render
 
 CLASSES = tuple((color, kind) for color in COLORS for kind in SHAPES)  # 12 (colour, shape) classes
@@ -98,7 +98,7 @@ def train_scene_encoder(vae, seed: int = 0, s: SceneEncoderSettings = SceneEncod
                         log: Callable[[dict], None] = print) -> tuple[LatentResNetEncoder, nn.Linear, dict]:
     """Train the encoder on ``vae``'s latents of training-prompt renders; returns (frozen encoder, head, summary)."""
     start = time.time()
-    draw = pretraining_sampler(seed + 123)  # its own prompt stream: the generator stage's draws stay unchanged
+    draw = pretraining_sampler(seed + 123, weights=RENDER_TASK_WEIGHTS)  # its own stream: the generator stage's stays unchanged
     scenes = [p.scene(10**7 + i) for i, p in enumerate(draw(s.scenes))]
     labels = count_labels(scenes)
     mean, std = encode_renders(vae, scenes)
