@@ -156,6 +156,14 @@ def test_compare_pairs_cells_and_clusters_by_prompt(tmp_path):
     assert shown.exit_code == 0 and f"{want.gain:+8.4f}" in shown.output
     (tmp_path / "c.json").write_text(json.dumps(record(b_tab, [7, 8], range(6))))
     assert runner.invoke(app, ["eval", "compare", str(tmp_path / "a.json"), str(tmp_path / "c.json")]).exit_code == 2
+    # every prompt of a subset gains the same: s.e. 0, and z is n/a in the table and null in the JSON, never inf
+    (tmp_path / "fail.json").write_text(json.dumps(record(torch.zeros(6, 4), [0, 1, 2, 3], range(6))))
+    (tmp_path / "half.json").write_text(json.dumps(record(torch.full((6, 4), 0.5), [0, 1, 2, 3], range(6))))
+    shown = runner.invoke(app, ["eval", "compare", str(tmp_path / "fail.json"), str(tmp_path / "half.json"), "--json",
+                                str(tmp_path / "d_cmp.json")])
+    assert shown.exit_code == 0 and "inf" not in shown.output
+    assert next(line for line in shown.output.splitlines() if line.startswith("r ") and " all " in line).split()[-1] == "n/a"
+    assert json.loads((tmp_path / "d_cmp.json").read_text())["rewards"]["r"]["all"]["z"] is None
 
 
 def test_pretrain_toy_rejects_an_unknown_feature_space(tmp_path):

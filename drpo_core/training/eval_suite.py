@@ -215,6 +215,7 @@ def format_compare(result: dict, name_a: str, name_b: str) -> str:
         for subset, r in entry.items():
             one_prompt = r["n_prompts"] < 2  # no between-prompt spread: no standard error
             se = "     n/a" if one_prompt else f"{r['gain_se']:8.4f}"
-            z = "   n/a" if one_prompt else f"{r['z']:6.1f}"
+            # prompts whose gains are all equal have s.e. 0: z is undefined (null in the JSON), not "inf"
+            z = "   n/a" if one_prompt or r["z"] is None or not math.isfinite(r["z"]) else f"{r['z']:6.1f}"
             lines.append(f"{label:24s} {subset:14s} {r['base_mean']:8.4f} {r['policy_mean']:8.4f} {r['gain']:+8.4f} {se} {z}")
     return "\n".join(lines)
