@@ -79,8 +79,9 @@ def export_checkpoint(checkpoint: Path, out: Path, full_pipeline: bool = False) 
         written["pipeline"] = str(out)
     provenance = {"checkpoint": str(folder.resolve()), "step": state["step"], "version": state["version"],
                   "base_model": model["path"], "kind": model["kind"], "resolution": model["resolution"],
-                  "lora": lora, "weights": "ema" if (folder / EMA_FILE).is_file() else "raw", "sample_with": {"num_inference_steps": 1, "guidance_scale": 0.0,
-                                                "height": model["resolution"], "width": model["resolution"]}}
+                  "lora": lora, "weights": "ema" if (folder / EMA_FILE).is_file() else "raw",  # the moving average or θ
+                  "sample_with": {"num_inference_steps": 1, "guidance_scale": 0.0,
+                                  "height": model["resolution"], "width": model["resolution"]}}
     (out / "drpo_export.json").write_text(json.dumps(provenance, indent=2))
     written["provenance"] = str(out / "drpo_export.json")
     written["model_card"] = str(write_model_card(folder, state, out, full_pipeline))
