@@ -20,8 +20,8 @@ def _fail(message: str) -> None:
 
 
 def load_for_eval(cfg, checkpoint: Path | None, weights: str = "auto"):
-    """The generator of ``cfg.model`` with ``checkpoint``'s trained weights (LoRA config from the checkpoint;
-    ``weights``: auto | ema | raw, see ``checkpoint.trained_weights_file``)."""
+    """(generator of ``cfg.model`` with ``checkpoint``'s trained weights, the weights file it loaded or None for the
+    base). LoRA config from the checkpoint; ``weights``: auto | ema | raw, see ``checkpoint.trained_weights_file``."""
     from safetensors.torch import load_file
 
     from drpo_core.config import LoraConfig
@@ -29,7 +29,7 @@ def load_for_eval(cfg, checkpoint: Path | None, weights: str = "auto"):
     from drpo_core.training.checkpoint import CheckpointError, latest_checkpoint, model_identity, trained_weights_file
 
     if checkpoint is None:
-        return load_generator(cfg.model, cfg.lora)
+        return load_generator(cfg.model, cfg.lora), None
     folder = checkpoint if (checkpoint / "state.json").is_file() else latest_checkpoint(checkpoint)
     if folder is None:
         raise CheckpointError(f"--checkpoint {checkpoint} is neither a checkpoint folder nor a run folder with checkpoints")
@@ -37,9 +37,10 @@ def load_for_eval(cfg, checkpoint: Path | None, weights: str = "auto"):
     generator = load_generator(cfg.model, LoraConfig(**state["lora"]))
     if state["base_model"] != model_identity(generator):
         raise CheckpointError(f"checkpoint {folder} was trained on a different base model than model.path {cfg.model.path!r}")
-    generator.load_trainable_state_dict(load_file(str(trained_weights_file(folder, weights))))
+    weights_file = trained_weights_file(folder, weights)
+    generator.load_trainable_state_dict(load_file(str(weights_file)))
     generator.merge_lora()
-    return generator
+    return generator, weights_file
 
 
 def select_rewards(cfg, spec: str | None) -> dict:
@@ -95,16 +96,14 @@ def eval_command(
         _fail(f"{output_dir}/eval.json exists; choose a new --output-dir (nothing is overwritten)")
     cfg = load(config, set_)
     from drpo_core.models.model_arch import ModelLoadError
-    from drpo_core.training.checkpoint import CheckpointError, EMA_FILE, latest_checkpoint, trained_weights_file
+    from drpo_core.training.checkpoint import CheckpointError, EMA_FILE
     from drpo_core.training.eval_suite import parse_seeds, resolve_prompts
 
     try:
         seed_list = parse_seeds(seeds)
         prompt_list = resolve_prompts(prompts, cfg.prompts)
         reward_fns = select_rewards(cfg, rewards)
-        generator = load_for_eval(cfg, checkpoint, weights)
-        used = None if checkpoint is None else trained_weights_file(
-            checkpoint if (checkpoint / "state.json").is_file() else latest_checkpoint(checkpoint), weights)
+        generator, used = load_for_eval(cfg, checkpoint, weights)
     except (ValueError, CheckpointError, ModelLoadError) as e:
         _fail(str(e))
     t0 = time.perf_counter()

@@ -91,7 +91,8 @@ def test_eval_loads_the_average_by_default_and_the_raw_weights_on_request(tmp_pa
     ema, raw = load_file(str(folder / EMA_FILE)), load_file(str(folder / "trainable.safetensors"))
     assert any(not torch.equal(ema[k], raw[k]) for k in raw)
     for which, want in (("auto", ema), ("ema", ema), ("raw", raw)):
-        got = load_for_eval(cfg, tmp_path / "run", which)
+        got, used = load_for_eval(cfg, tmp_path / "run", which)
+        assert used == trained_weights_file(folder, which)
         got.unmerge_lora()
         state = got.trainable_state_dict()
         assert all(torch.equal(state[k], want[k]) for k in want), which
