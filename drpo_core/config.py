@@ -201,6 +201,11 @@ class AlgoConfig(Section):
                                                      "/ worst fails, the first K candidates regressed, skipped prompts "
                                                      "leave the mean)")
     shuffle_rewards: bool = Field(False, description="control run: shuffle scores within each prompt group before ranking")
+    stale_anchors: Literal["current", "sampled"] = Field(
+        "current", description="anchors of a group sampled with older weights (the Ray runtime's overlap): 'current' = "
+        "where the policy now maps their noises (a lagged step is the on-policy step with the older ranking); "
+        "'sampled' = the scored latents as they were (a stale copy of each regressed point sits among the "
+        "anchors; docs/ray.md 'Staleness')")
     # options of the other objectives and of offline anchors (drpo_core/algorithm_options.py)
     draft: DraftOptions = DraftOptions()
     dpo: DpoOptions = DpoOptions()

@@ -200,8 +200,7 @@ class DrpoLearner:
             x = gen.predict_x0(gen.noise(seeds), gen.encode_prompts(prompts))
             gen_feats = _phi(self.encoder, x, prompts)  # key -> [B·K, L, D]
         with torch.no_grad():
-            anchor_latents = torch.cat([g.latents[torch.cat([p, n])] for g, (p, n) in zip(kept, anchors)]).to(device)
-            anchor_feats = _phi(self.encoder, anchor_latents, [g.prompt for g in kept for _ in range(2 * M)])  # [B·2M, L, D]
+            anchor_feats = self._anchor_features(kept, anchors, regress, offsets, gen_feats)  # [B·2M, L, D]
             use_ref = self.algo.lambda_ref > 0 or self.algo.feature_l2_weight > 0
             base_latents = (torch.cat([self._base_latents(g, r).to(device) for g, r in zip(kept, regress)])
                             if self.algo.needs_base else None)
@@ -224,6 +223,40 @@ class DrpoLearner:
             for k, v in s.items():
                 sums[k] = sums.get(k, 0.0) + v
         return total, sums
+
+    def _anchor_features(self, kept: list[CandidateGroup], anchors: list[tuple[torch.Tensor, torch.Tensor]],
+                         regress: list[torch.Tensor], offsets: list[int], gen_feats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """φ of each prompt's anchors A⁺ = top-M, A⁻ = bottom-M, `[B·2M, L, D]` (detached), where the policy maps them now.
+
+        A group sampled with the current weights (lag 0) holds those positions in its scored latents. A group
+        sampled ``lag ≥ 1`` updates ago does not: each regressed point x_i = G_θ(ε_i, c) has moved by the updates
+        since, while its scored copy stayed behind among the anchors. A bottom-ranked x_i is then repelled from
+        its own old position — pushed further along its last updates (positive feedback); on-policy the copy
+        coincides with x_i and pushes nothing. With ``algo.stale_anchors = "current"`` a stale group's anchors are
+        the learner's own forward on their noises (the regressed rows, detached; recomputed for an anchor that is
+        not regressed), so a lagged step is the on-policy step with the older ranking (docs/ray.md "Staleness").
+        """
+        M, gen = self.algo.num_anchors, self.generator
+        picks = [torch.cat([p, n]) for p, n in anchors]
+        as_sampled = [g.version == self.version or self.algo.stale_anchors == "sampled" for g in kept]
+        parts: list[dict[str, torch.Tensor] | None] = [None] * len(kept)
+        sampled = [b for b, yes in enumerate(as_sampled) if yes]
+        if sampled:  # one φ call over every such group (the on-policy computation, unchanged)
+            latents = torch.cat([kept[b].latents[picks[b]] for b in sampled]).to(gen.device)
+            feats = _phi(self.encoder, latents, [kept[b].prompt for b in sampled for _ in range(2 * M)])
+            for j, b in enumerate(sampled):
+                parts[b] = {k: v[j * 2 * M:(j + 1) * 2 * M] for k, v in feats.items()}
+        for b in (b for b, yes in enumerate(as_sampled) if not yes):
+            g, idx = kept[b], picks[b]
+            row = {c: offsets[b] + k for k, c in enumerate(regress[b].tolist())}
+            if all(i in row for i in idx.tolist()):  # the learner's own forward already holds them
+                rows = torch.tensor([row[i] for i in idx.tolist()], device=gen.device)
+                parts[b] = {k: v[rows].detach() for k, v in gen_feats.items()}
+            else:  # an anchor that is not regressed (binary pools): G_θ(ε_j, c) without grad
+                with autocast_context(gen.device, self.trainer_cfg.mixed_precision):
+                    now = gen.predict_x0(gen.noise([g.seeds[i] for i in idx.tolist()]), gen.encode_prompts([g.prompt] * len(idx)))
+                    parts[b] = _phi(self.encoder, now, [g.prompt] * len(idx))
+        return {k: torch.cat([part[k] for part in parts]) for k in parts[0]}
 
     # -- state ------------------------------------------------------------------------------------
     def state(self) -> dict:
