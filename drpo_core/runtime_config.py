@@ -128,6 +128,9 @@ class RuntimeConfig(Section):
         "auto", description="dtype of the broadcast weights; auto: model.dtype if 16-bit, else float16")
     weight_sync_timeout_s: float = Field(120.0, gt=0, description="bound on joining and on one broadcast; a generator "
                                          "that missed it fetches that version from the learner instead")
+    stop_grace_s: float = Field(25.0, gt=0, description="after SIGTERM/SIGINT, finish the step in hand and checkpoint "
+                                "it within this time, else stop mid-step (the newest periodic checkpoint stands); below "
+                                "Kubernetes' 30 s termination grace period. Used by --local too")
     metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus /metrics port of the controller; 0 = off")
     metrics_host: str = Field("127.0.0.1", description="interface of the /metrics server (0.0.0.0 in a cluster pod, "
                               "where Prometheus scrapes it; loopback by default so a laptop run exposes nothing)")

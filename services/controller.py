@@ -30,6 +30,7 @@ from drpo_core.config import DrpoConfig, dump_config
 from drpo_core.training.checkpoint import CheckpointError
 from drpo_core.training.prompts import PromptSampler, training_prompts
 from drpo_core.training.reporting import MetricsWriter, plot_reward_curve
+from drpo_core.training.stopping import GracefulStop
 from drpo_core.training.tracking import RunTracker
 from drpo_core.training.trainer import group_stats
 from services.actors import LearnerRestartedError, running_stats
@@ -82,7 +83,8 @@ class Controller:
         self.reward_history: dict = {}  # running reward stats (reward/<label>/normalized), checkpointed by the learner
 
     # -- the loop (reads like the algorithm box) --------------------------------------------------
-    def run(self, on_step: Callable[[dict], None] | None = None, resume: Path | None = None) -> dict:
+    def run(self, on_step: Callable[[dict], None] | None = None, resume: Path | None = None,
+            stop: GracefulStop | None = None) -> dict:
         out, tc = self.output_dir, self.cfg.trainer
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(dump_config(self.cfg))
@@ -102,8 +104,11 @@ class Controller:
                         on_step(stats)
                     if self.step % tc.sample_every == 0 and self.step < tc.steps:
                         tracker.image("samples", self.save_samples(f"step_{self.step}"), self.step)
-                    if self.step % tc.checkpoint_every == 0 or self.step == tc.steps:
+                    stopping = stop is not None and stop.requested()  # SIGTERM/SIGINT: this step is the last
+                    if self.step % tc.checkpoint_every == 0 or self.step == tc.steps or stopping:
                         self.save_checkpoint()
+                    if stopping:
+                        stop.check(self.step)  # raises StopRequested; the caller stops the actors
                 except LearnerLostError as e:  # plumbing: back to the last checkpoint, as a resumed job would
                     self.recover_learner(e)
             return self.finish(tracker)

@@ -7,6 +7,8 @@ from typing import Callable
 
 from rich.console import Console
 
+from drpo_core.training.stopping import GracefulStop, StopRequested
+
 
 AUTO = "auto"
 
@@ -46,15 +48,25 @@ def run_local(cfg, resume: Path | None, fail: Callable[[str], None]) -> dict:
         trainer = DrpoTrainer(cfg, output_dir=out, rewards=build_rewards(cfg, builder=build_reward))
     except (ModelLoadError, ValueError) as e:
         fail(str(e))
-    with StepProgress(console, cfg.trainer.steps, "DrPO", cfg.trainer.log_every) as progress:
+    with StepProgress(console, cfg.trainer.steps, "DrPO", cfg.trainer.log_every) as progress, \
+            GracefulStop(cfg.runtime.stop_grace_s) as stop:
         try:
-            result = trainer.run(on_step=progress.update, resume=resume)
+            result = trainer.run(on_step=progress.update, resume=resume, stop=stop)
+        except StopRequested as e:
+            stopped(console, e, out)
         except (CheckpointError, TrackerError) as e:
             fail(str(e))
         except (OSError, SafetensorError) as e:  # read-only or full run folder: the last checkpoint stands
             fail(f"cannot write to the run folder {out}: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}")
     print_run_summary(console, trainer.step, out, result)
     return result
+
+
+def stopped(console: Console, e: "StopRequested", out: Path) -> None:
+    """A run stopped by a signal: where its checkpoint is, how to continue; exit 128 + the signal's number."""
+    console.print(f"[yellow]{e}[/]: checkpoint {out / 'checkpoints' / f'step_{e.step}'}; the same command with "
+                  "--resume auto continues it")
+    raise SystemExit(e.exit_code)
 
 
 def print_run_summary(console: Console, steps: int, out: Path, result: dict) -> None:

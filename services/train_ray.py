@@ -13,7 +13,8 @@ from typing import Callable
 from rich.console import Console
 
 from services.progress import StepProgress
-from services.train_local import check_output_dir, print_run_summary
+from drpo_core.training.stopping import GracefulStop, StopRequested
+from services.train_local import check_output_dir, print_run_summary, stopped
 
 
 def run_ray(cfg, resume: Path | None, fail: Callable[[str], None]) -> dict:
@@ -57,9 +58,13 @@ def run_ray(cfg, resume: Path | None, fail: Callable[[str], None]) -> dict:
                       f"{len([n for n in ray.nodes() if n.get('Alive')])} node(s)")
         console.print("devices: " + ", ".join(f"{k.split('/', 1)[1]} ×{v:g}" for k, v in runtime.placement().items()))
         controller = Controller(cfg, runtime, out, exporter)
-        with StepProgress(console, cfg.trainer.steps, "DrPO·ray", cfg.trainer.log_every) as progress:
+        with StepProgress(console, cfg.trainer.steps, "DrPO·ray", cfg.trainer.log_every) as progress, \
+                GracefulStop(cfg.runtime.stop_grace_s) as stop:
             try:
-                result = controller.run(on_step=lambda stats: progress.update(stats, f"lag {stats['lag/mean']:.1f}"), resume=resume)
+                result = controller.run(on_step=lambda stats: progress.update(stats, f"lag {stats['lag/mean']:.1f}"),
+                                        resume=resume, stop=stop)
+            except StopRequested as e:  # the actors stop below, in `finally`
+                stopped(console, e, out)
             except (CheckpointError, TrackerError) as e:
                 fail(str(e))
         print_run_summary(console, controller.step, out.resolve(), result)

@@ -9,6 +9,7 @@ noise differs, and AdamW turns noise-level gradients into full-size steps, so th
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -226,6 +227,29 @@ def test_sigkilled_ray_driver_resumes_automatically_with_each_step_once(ray_clus
     assert steps_in(out / "metrics.rolled_back.jsonl") == [3]
     state = json.loads((out / "checkpoints" / "step_4" / "state.json").read_text())
     assert state["step"] == 4 and state["version"] == 4
+
+
+def test_sigterm_on_the_ray_driver_checkpoints_its_last_step_stops_the_actors_and_resumes(ray_cluster, tmp_path):
+    """`drpo train` on Ray with the default overlap (the next step is already sampling) gets SIGTERM after step 2:
+    the learner checkpoints the last finished step, the driver exits 143 (its actors end with it); the identical
+    command with --resume auto trains the rest, each step once."""
+    from tests.test_resume import drpo_train, finish, kill_when, steps_in
+    from drpo_core.training.checkpoint import checkpoint_step, latest_checkpoint
+
+    out = tmp_path / "run"
+    args = [f"--set={o}" for o in FAST + ["runtime.max_staleness=1", "trainer.steps=5", "trainer.checkpoint_every=10"]]
+    env = dict(os.environ, RAY_ADDRESS=ray_cluster.address)
+    metrics = out / "metrics.jsonl"
+    proc = drpo_train(out, *args, env=env)
+    err = kill_when(proc, lambda: 2 in steps_in(metrics), timeout_s=400, sig=signal.SIGTERM)
+    assert proc.returncode == 143, err[-3000:]
+    last = steps_in(metrics)[-1]
+    assert checkpoint_step(latest_checkpoint(out)) == last and f"stopped by SIGTERM after step {last}" in err
+    state = json.loads((out / "checkpoints" / f"step_{last}" / "state.json").read_text())
+    assert state["version"] == last  # the learner's weights of that step, not of the step sampled ahead
+    finish(drpo_train(out, *args, env=env))
+    assert steps_in(metrics) == [1, 2, 3, 4, 5]
+    assert not (out / "metrics.rolled_back.jsonl").exists()
 
 
 def test_two_data_parallel_learner_workers_through_drpo_train_learn_like_one(ray_cluster, tmp_path, reference):

@@ -39,8 +39,9 @@ def drpo_train(out: Path, *args: str, env: dict | None = None) -> subprocess.Pop
                             cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
-def kill_when(proc: subprocess.Popen, ready, timeout_s: float = 300) -> None:
-    """SIGKILL ``proc`` as soon as ``ready()`` holds (polled every 10 ms); fails if it ends first."""
+def kill_when(proc: subprocess.Popen, ready, timeout_s: float = 300, sig: int = signal.SIGKILL) -> str:
+    """Send ``sig`` (SIGKILL) to ``proc`` as soon as ``ready()`` holds (polled every 10 ms); fails if it ends first.
+    Returns what it wrote on stderr."""
     deadline = time.monotonic() + timeout_s
     while not ready():
         if proc.poll() is not None:
@@ -49,9 +50,9 @@ def kill_when(proc: subprocess.Popen, ready, timeout_s: float = 300) -> None:
             proc.kill()
             pytest.fail("the kill point was never reached")
         time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(30)
-    proc.stderr.close()
+    proc.send_signal(sig)
+    err = proc.communicate(timeout=60)[1]  # a SIGTERMed run checkpoints first: within runtime.stop_grace_s
+    return err
 
 
 def finish(proc: subprocess.Popen, timeout_s: float = 600) -> None:
@@ -123,3 +124,24 @@ def test_sigkilled_local_run_resumes_automatically_with_each_step_once(tmp_path)
     assert [r["loss"] for r in read_metrics(metrics)] == pytest.approx([r["loss"] for r in read_metrics(straight / "metrics.jsonl")],
                                                                         rel=1e-5)
     assert (out / "eval.json").is_file()
+
+
+def test_sigterm_local_run_checkpoints_its_last_step_and_resumes_with_each_step_once(tmp_path):
+    """SIGTERM (kubectl delete, ray job stop, a preemption) after step 2 with no periodic checkpoint yet: the run
+    finishes the step in hand, checkpoints it, exits 143 with one line; the identical command finishes the job
+    with each step once (nothing rolled back) and the uninterrupted run's weights."""
+    out, straight = tmp_path / "stopped", tmp_path / "straight"
+    finish(drpo_train(straight, *LOCAL))
+    metrics = out / "metrics.jsonl"
+    proc = drpo_train(out, *LOCAL)
+    err = kill_when(proc, lambda: 2 in steps_in(metrics), sig=signal.SIGTERM)
+    assert proc.returncode == 143, err[-2000:]
+    last = steps_in(metrics)[-1]
+    assert last < 6 and checkpoint_step(latest_checkpoint(out)) == last  # the last finished step, not step_4 or none
+    assert f"stopped by SIGTERM after step {last}" in err and "--resume auto" in err
+    finish(drpo_train(out, *LOCAL))
+    assert steps_in(metrics) == [1, 2, 3, 4, 5, 6]
+    assert not (out / "metrics.rolled_back.jsonl").exists()  # no step redone
+    a, b = (load_file(str(run / "checkpoints" / "step_6" / "trainable.safetensors")) for run in (out, straight))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-7, msg=k)

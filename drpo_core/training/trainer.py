@@ -32,6 +32,7 @@ from drpo_core.training.reporting import plot_reward_curve
 from drpo_core.training.tracking import RunTracker
 from drpo_core.rewards import build_reward
 from drpo_core.training.sampler import CandidateSampler
+from drpo_core.training.stopping import GracefulStop
 from drpo_core.training.scoring import RewardScorer
 
 
@@ -189,8 +190,12 @@ class DrpoTrainer:
         with self.learner.averaged_weights():
             return evaluate(self.generator, fn, prompts, heldout_seeds(seeds), group_of=getattr(fn, "color_of", None))
 
-    def run(self, on_step: Callable[[dict], None] | None = None, resume: Path | None = None) -> dict:
-        """The whole job: resume if asked, train ``trainer.steps`` steps, write every output."""
+    def run(self, on_step: Callable[[dict], None] | None = None, resume: Path | None = None,
+            stop: GracefulStop | None = None) -> dict:
+        """The whole job: resume if asked, train ``trainer.steps`` steps, write every output.
+
+        With ``stop`` (SIGTERM/SIGINT caught), a requested stop checkpoints the last finished step and raises
+        :class:`StopRequested`."""
         out, tc = self.output_dir, self.cfg.trainer
         out.mkdir(parents=True, exist_ok=True)
         if resume is not None:  # restore first: a checkpoint that does not fit must leave the run folder untouched
@@ -208,8 +213,11 @@ class DrpoTrainer:
                     on_step(stats)
                 if self.step % tc.sample_every == 0 and self.step < tc.steps:
                     tracker.image("samples", self.save_samples(f"step_{self.step}"), self.step)
-                if self.step % tc.checkpoint_every == 0 or self.step == tc.steps:
+                stopping = stop is not None and stop.requested()
+                if self.step % tc.checkpoint_every == 0 or self.step == tc.steps or stopping:
                     self.save_checkpoint()
+                if stopping:
+                    stop.check(self.step)
             return self.finish(tracker)
         except KeyboardInterrupt:
             if not self._mid_step:  # mid-step, the newest periodic checkpoint stays the restart point
