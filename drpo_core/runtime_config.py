@@ -125,7 +125,8 @@ class RuntimeConfig(Section):
         "(learner rank 0 broadcasts to the generators; gloo on CPU, NCCL on GPU); auto: collective for full fine-tuning, "
         "object_store for LoRA")
     weight_sync_dtype: Literal["auto", "float16", "bfloat16", "float32"] = Field(
-        "auto", description="dtype of the broadcast weights; auto: model.dtype if 16-bit, else float16")
+        "auto", description="dtype of the broadcast weights; auto: model.dtype (exact: the generators sample with the "
+        "learner's weights; float16 halves an fp32 model's bytes but rounds its weights)")
     weight_sync_timeout_s: float = Field(120.0, gt=0, description="bound on joining and on one broadcast; a generator "
                                          "that missed it fetches that version from the learner instead")
     stop_grace_s: float = Field(25.0, gt=0, description="after SIGTERM/SIGINT, finish the step in hand and checkpoint "

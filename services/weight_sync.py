@@ -45,11 +45,11 @@ def sync_mode(cfg) -> str:
 
 
 def sync_dtype(cfg) -> torch.dtype:
-    """``weight_sync_dtype``; ``auto``: the model's dtype when it is 16-bit, else float16."""
+    """``weight_sync_dtype``; ``auto``: the model's dtype, so the generators sample with exactly the learner's weights
+    (a float16 broadcast of an fp32 model rounds them: the candidates then differ from the local trainer's from
+    the first step on, and a step at max_staleness 0 is no longer the local trainer's step)."""
     name = cfg.runtime.weight_sync_dtype
-    if name == "auto":
-        name = cfg.model.dtype if cfg.model.dtype in ("float16", "bfloat16") else "float16"
-    return getattr(torch, name)
+    return getattr(torch, cfg.model.dtype if name == "auto" else name)
 
 
 # -- actor side ------------------------------------------------------------------------------------------

@@ -29,7 +29,8 @@ from services.weights import WeightsHandle, unpack_state  # noqa: E402
 FULL = ["lora.enabled=false", "trainer.prompts_per_step=2", "algo.num_candidates=4", "algo.num_anchors=1",
         "runtime.weight_sync_timeout_s=20", "runtime.request_timeout_s=60", "runtime.start_timeout_s=240",
         "runtime.health_check_interval_s=1", "runtime.generator.num_cpus=0.25", "runtime.reward.num_cpus=0.1",
-        "runtime.learner.num_cpus=0.4", "trainer.heldout_eval_seeds=0", "trainer.eval_seeds=2", "trainer.lr=1e-3"]
+        "runtime.learner.num_cpus=0.4", "trainer.heldout_eval_seeds=0", "trainer.eval_seeds=2", "trainer.lr=1e-3",
+        "runtime.weight_sync_dtype=float16"]  # half the bytes; auto (the model's fp32) is exact: tests/test_ray_parity.py
 
 
 def remote(cls, **options):
