@@ -28,6 +28,7 @@ from drpo_core.training import data_parallel
 from drpo_core.training.sampler import CandidateSampler
 from drpo_core.training.scoring import RewardScorer
 from drpo_core.training.trainer import DrpoTrainer, build_rewards
+from services.actor_metrics import ActorMetrics
 from services.weight_sync import SyncReceiver, SyncSender, sync_dtype, sync_mode
 from services.weights import WeightsHandle, pack_state, unpack_state
 
@@ -144,6 +145,7 @@ class GeneratorActor:
         if sync_mode(cfg) == "collective":
             shapes = {k: tuple(v.shape) for k, v in self.sampler.generator.trainable_state_dict().items()}
             self.receiver = SyncReceiver(sync_dtype(cfg), self.sampler.generator.device, shapes)
+        self.metrics = ActorMetrics(cfg, "generator")
 
     def _sync(self, weights: WeightsHandle) -> float:
         """Pull the published version if ours differs (a restarted learner may publish an older one). Collective
@@ -199,6 +201,7 @@ class GeneratorActor:
         return group.for_reward(), group.for_learner(), self._info(group, time.perf_counter() - t0, sync)
 
     def _info(self, group: CandidateGroup, seconds: float, sync: float) -> GenerationInfo:
+        self.metrics.generated(group.size, seconds, sync, group.version)
         where = _whereabouts()
         return GenerationInfo(group.group_id, group.version, group.size, seconds, sync, where["pid"], where["node"])
 
@@ -214,15 +217,21 @@ class RewardActor:
         check_gpu("reward", cfg.runtime.reward.num_gpus)
         self.scorer = RewardScorer(build_rewards(cfg, builder=build_reward), binary=cfg.algo.binary_threshold is not None,
                                    shuffle_seed=cfg.trainer.seed if cfg.algo.shuffle_rewards else None)
+        self.metrics = ActorMetrics(cfg, "reward")
 
     def score(self, group: CandidateGroup, budget: CallBudget | None = None) -> ScoreResult:
         """``budget``: the tries and deadline the pool gave this call; remote rewards retry within it."""
         t0 = time.perf_counter()
         remote = [fn for fn, _ in self.scorer.rewards.values() if hasattr(fn, "budgeted")]  # HTTP / gRPC clients
-        with ExitStack() as stack:
-            for fn in remote:
-                stack.enter_context(fn.budgeted(budget))
-            self.scorer.score([group])
+        try:
+            with ExitStack() as stack:
+                for fn in remote:
+                    stack.enter_context(fn.budgeted(budget))
+                self.scorer.score([group])
+        except Exception:
+            self.metrics.score_failed()
+            raise
+        self.metrics.scored_group(group.size, time.perf_counter() - t0)
         return ScoreResult(group.group_id, group.version, group.rewards, group.scores, self.scorer.pop_stats(),
                            time.perf_counter() - t0, max([fn.last_attempts for fn in remote], default=1))
 
@@ -252,6 +261,7 @@ class LearnerActor:
             self.trainer.resume(Path(self.checkpoint_dir))
         self.rank = 0  # data parallel: set by join(); rank 0 alone publishes, checkpoints and evaluates
         self.sender = SyncSender(sync_dtype(cfg), self.trainer.generator.device) if sync_mode(cfg) == "collective" else None
+        self.metrics = ActorMetrics(cfg, "learner")
 
     # -- data parallel (runtime.learner.replicas > 1) -----------------------------------------------
     def rendezvous(self) -> tuple[str, int]:
@@ -307,12 +317,15 @@ class LearnerActor:
             g.rewards, g.scores = s.rewards, s.scores
         stats = self.trainer.learner.update(list(groups))
         stats.update({"version": float(self.trainer.learner.version), "timing/update_s": time.perf_counter() - t0})
+        self.metrics.updated(stats["timing/update_s"], self.trainer.learner.version, stats.get("update/policy_lag", 0.0))
         return stats
 
     def publish_weights(self) -> tuple[dict, int]:
         """The trainable state as numpy arrays (called with num_returns=2: the first return is the one
         object-store copy of this version, the second its version number for the driver)."""
-        return pack_state(self.trainer.generator.trainable_state_dict()), self.trainer.learner.version
+        payload = pack_state(self.trainer.generator.trainable_state_dict())
+        self.metrics.published_bytes(sum(array.nbytes for array, _ in payload.values()))
+        return payload, self.trainer.learner.version
 
     # -- collective weight sync (services/weight_sync.py) -------------------------------------------
     def _live_state(self) -> dict[str, torch.Tensor]:
@@ -324,7 +337,9 @@ class LearnerActor:
 
     def sync_send(self, epoch: int, world: int, serial: int, version: int, timeout_s: float) -> dict:
         self._expect(version)
-        return {**self.sender.send(self._live_state(), epoch, world, serial, version, timeout_s), "version": version}
+        report = self.sender.send(self._live_state(), epoch, world, serial, version, timeout_s)
+        self.metrics.published_bytes(report.get("bytes", 0))
+        return {**report, "version": version}
 
     def sync_payload(self) -> tuple[int, int, dict]:
         """The newest broadcast version for a generator that missed it (``weights`` concurrency group: served
