@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 RUN_DIR ?= runs/demo-$(shell date +%Y%m%d-%H%M%S)
 
-.PHONY: demo demo-toy demo-hue test install sysdeps clean protos smoke-real
+.PHONY: demo demo-local demo-toy demo-hue test install sysdeps clean protos smoke-real
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -29,14 +29,17 @@ sysdeps:
 
 # The embedded default: the shapes world (docs/toyworld.md). The committed pretrained toy base (a one-step
 # SD-Turbo-architecture generator of coloured shapes) aligned with DrPO on the GenEval reward over the classical
-# detector, then base and final policy scored on held-out prompts x held-out seeds (GenEval per task, in GenEval's
-# sample layout) and the paired, prompt-clustered gains printed (README "What the demo shows").
-# In-process (--local): on 2 cores the Ray runtime adds start-up and ~7 % per step for nothing here (`make demo-hue`
-# runs through Ray). One thread unless OMP_NUM_THREADS says otherwise: on a busy 2-core box two OpenMP threads ran
-# these small models ~20x slower.
+# detector, through the Ray actor-learner runtime on an embedded local cluster (generator, reward and learner
+# actors; sampling of step t+1 overlaps the update of step t), then base and final policy scored on held-out
+# prompts x held-out seeds (GenEval per task, in GenEval's sample layout) and the paired, prompt-clustered gains
+# printed (README "What the demo shows"). `make demo-local` runs the same job in one process (for debugging).
+# One thread per process unless OMP_NUM_THREADS says otherwise: on a busy 2-core box two OpenMP threads ran these
+# small models ~20x slower. Live metrics: the driver's /metrics on a free port, the actors' on Ray's export.
 DEMO_SEEDS ?= 0-63
+DEMO_RUNTIME ?=
+DEMO_METRICS_PORT ?= $(shell $(PYTHON) -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 demo: install
-	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(VENV)/bin/drpo train --local --config deploy/configs/toy.yaml --output-dir $(RUN_DIR)
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(VENV)/bin/drpo train $(DEMO_RUNTIME) --config deploy/configs/toy.yaml --output-dir $(RUN_DIR) $(if $(DEMO_RUNTIME),,--set runtime.metrics_port=$(DEMO_METRICS_PORT))
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(VENV)/bin/drpo eval --config deploy/configs/toy.yaml --base --seeds $(DEMO_SEEDS) --output-dir $(RUN_DIR)/eval-base
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(VENV)/bin/drpo eval --config deploy/configs/toy.yaml --checkpoint $(RUN_DIR) --seeds $(DEMO_SEEDS) --output-dir $(RUN_DIR)/eval-final
 	$(VENV)/bin/drpo eval compare $(RUN_DIR)/eval-base/eval.json $(RUN_DIR)/eval-final/eval.json --json $(RUN_DIR)/compare.json
@@ -44,6 +47,10 @@ demo: install
 	@echo "image grids: $(RUN_DIR)/eval-final/before_after.png (held-out prompts, captioned, green/red = GenEval pass/fail), $(RUN_DIR)/samples/"
 	@echo "checkpoint:  $(RUN_DIR)/checkpoints/ (full UNet, diffusers layout: checkpoints/step_<N>/unet/ holds the moving average, ema.safetensors too)"
 	@echo "eval:        $(RUN_DIR)/eval-base/eval.json, $(RUN_DIR)/eval-final/eval.json (GenEval layout in */samples/), $(RUN_DIR)/compare.json"
+
+# The same job in one process (no Ray): for debugging.
+demo-local:
+	$(MAKE) demo DEMO_RUNTIME=--local
 
 demo-toy: demo
 

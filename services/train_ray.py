@@ -57,6 +57,8 @@ def run_ray(cfg, resume: Path | None, fail: Callable[[str], None]) -> dict:
                       f"max_staleness {rt.max_staleness}; cluster {have.get('CPU', 0):g} CPU, {have.get('GPU', 0):g} GPU, "
                       f"{len([n for n in ray.nodes() if n.get('Alive')])} node(s)")
         console.print("devices: " + ", ".join(f"{k.split('/', 1)[1]} ×{v:g}" for k, v in runtime.placement().items()))
+        exports = [f"http://{n['NodeManagerAddress']}:{n['MetricsExportPort']}/metrics" for n in ray.nodes() if n.get("Alive")]
+        console.print("actor metrics (ray_drpo_actor_*, Ray's export): " + ", ".join(exports))
         controller = Controller(cfg, runtime, out, exporter)
         with StepProgress(console, cfg.trainer.steps, "DrPO·ray", cfg.trainer.log_every) as progress, \
                 GracefulStop(cfg.runtime.stop_grace_s) as stop:
