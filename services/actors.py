@@ -19,7 +19,7 @@ import torch
 
 from drpo_core.training.checkpoint import latest_checkpoint
 from drpo_core.config import DrpoConfig
-from drpo_core.models.generator import load_generator
+from drpo_core.models.generator_factory import load_generator
 from drpo_core.algorithms.groups import CandidateGroup
 from drpo_core.algorithms.normalizer import RunningStats
 from drpo_core.rewards.budget import CallBudget

@@ -25,7 +25,7 @@ def load_for_eval(cfg, checkpoint: Path | None, weights: str = "auto"):
     from safetensors.torch import load_file
 
     from drpo_core.config import LoraConfig
-    from drpo_core.models.generator import load_generator
+    from drpo_core.models.generator_factory import load_generator
     from drpo_core.training.checkpoint import CheckpointError, latest_checkpoint, model_identity, trained_weights_file
 
     if checkpoint is None:

@@ -4,7 +4,7 @@ W₀ restored bit-exactly, one merge per version however often the frozen base i
 import torch
 
 from drpo_core.config import load_config
-from drpo_core.models.generator import load_generator
+from drpo_core.models.generator_factory import load_generator
 from drpo_core.training.sampler import CandidateSampler
 from services.actors import GeneratorActor, GroupRequest
 from services.weights import WeightsHandle, pack_state
