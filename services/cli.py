@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
@@ -10,9 +9,11 @@ from typing import Optional
 
 import typer
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Drifting Preference Optimization for one-step generators.")
+from services.cli_common import fail, load
+from services.cli_eval import eval_app
+from services.cli_toy import pretrain_toy_command
 
-USER_ERROR = 2
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Drifting Preference Optimization for one-step generators.")
 
 
 def _version(value: bool) -> None:
@@ -29,23 +30,6 @@ def _version(value: bool) -> None:
 @app.callback()
 def _root(_: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="print the version and exit")) -> None:
     """Drifting Preference Optimization for one-step generators."""
-
-
-def fail(message: str) -> None:
-    """One line on stderr, exit code 2: the user's input is wrong; nothing is lost."""
-    typer.echo(f"drpo: error: {message}", err=True)
-    raise typer.Exit(USER_ERROR)
-
-
-def load(config: list[Path], overrides: list[str], output_dir: Optional[str] = None):
-    from drpo_core.config import ConfigError, load_config
-
-    if output_dir is not None:
-        overrides = [*overrides, f"output.dir={json.dumps(output_dir)}"]  # quoted: '123' or 'no' stay folder names
-    try:
-        return load_config(config, overrides)
-    except ConfigError as e:
-        fail(str(e))
 
 
 ConfigOpt = typer.Option([], "--config", "-c", help="YAML config file; repeat to layer (later files win)")
@@ -146,8 +130,7 @@ def quiet_libraries() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", module=r"(diffusers|transformers|peft|huggingface_hub)\b")
-from services.cli_eval import eval_app  # noqa: E402
-from services.cli_toy import pretrain_toy_command  # noqa: E402
+
 
 app.command("pretrain-toy")(pretrain_toy_command)
 app.add_typer(eval_app, name="eval")

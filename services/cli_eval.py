@@ -9,14 +9,10 @@ from typing import Optional
 
 import typer
 
+from services.cli_common import fail, load
+
 eval_app = typer.Typer(add_completion=False, invoke_without_command=True,
                        help="Evaluate a checkpoint or the base model on fixed prompts and seeds; `compare` pairs two results.")
-
-
-def _fail(message: str) -> None:
-    from services.cli import fail
-
-    fail(message)
 
 
 def load_for_eval(cfg, checkpoint: Path | None, weights: str = "auto"):
@@ -86,14 +82,12 @@ def eval_command(
     """Generate every (prompt, seed) cell, score it with the rewards, write eval.json, grids and GenEval-layout samples."""
     if ctx.invoked_subcommand is not None:
         return
-    from services.cli import load
-
     if (checkpoint is None) == (not base):
-        _fail("give exactly one of --checkpoint DIR or --base")
+        fail("give exactly one of --checkpoint DIR or --base")
     if output_dir is None:
-        _fail("--output-dir is required")
+        fail("--output-dir is required")
     if (output_dir / "eval.json").exists():
-        _fail(f"{output_dir}/eval.json exists; choose a new --output-dir (nothing is overwritten)")
+        fail(f"{output_dir}/eval.json exists; choose a new --output-dir (nothing is overwritten)")
     cfg = load(config, set_)
     from drpo_core.models.model_arch import ModelLoadError
     from drpo_core.training.checkpoint import CheckpointError, EMA_FILE
@@ -105,7 +99,7 @@ def eval_command(
         reward_fns = select_rewards(cfg, rewards)
         generator, used = load_for_eval(cfg, checkpoint, weights)
     except (ValueError, CheckpointError, ModelLoadError) as e:
-        _fail(str(e))
+        fail(str(e))
     t0 = time.perf_counter()
     record = write_eval(cfg, generator, reward_fns, prompt_list, seed_list, base=base, output_dir=output_dir,
                         source={"config": [str(c) for c in config], "set": list(set_), "model": cfg.model.path,
@@ -171,7 +165,7 @@ def compare_command(a: Path = typer.Argument(..., help="eval.json of A (e.g. the
         records = [json.loads(p.read_text()) for p in (a, b)]
         result = compare(*records)
     except (OSError, ValueError, KeyError) as e:
-        _fail(f"eval compare: {e}")
+        fail(f"eval compare: {e}")
     typer.echo(format_compare(result, str(a), str(b)))
     if json_out:
         json_out.write_text(json.dumps(json_safe(result), indent=1) + "\n")

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import typer
 
+from services.cli_common import fail
+
 
 def pretrain_toy_command(
     output: Path = typer.Option(..., "--output", "-o", help="folder for the diffusers pipeline (created; must be empty or new)"),
@@ -30,7 +32,6 @@ def pretrain_toy_command(
     log_every: int = typer.Option(50, "--log-every", min=1),
 ) -> None:
     """Pretrain the toy base (autoencoder, then UNet + text encoder with the Drifting objective)."""
-    from services.cli import fail
     from drpo_core.toyworld.pretrain import FEATURE_SPACES, PretrainSettings, pretrain_toy
     from drpo_core.toyworld.scene_encoder import SceneEncoderSettings
 
