@@ -169,7 +169,8 @@ def reward_config_from_cli(kind: str, overrides: list[str]) -> RewardConfig:
     """``--reward KIND --set key=value ...`` → a validated RewardConfig (raises ConfigError, one line)."""
     from pydantic import ValidationError
 
-    from drpo_core.config import ConfigError, _apply_override, format_validation_error
+    from drpo_core.config import ConfigError, format_validation_error
+    from drpo_core.config.overrides import _apply_override
 
     tree: dict = {"kind": kind}
     for assignment in overrides:

@@ -17,7 +17,7 @@ from enum import Enum
 from typing import Any
 
 from drpo_core.config import RoleConfig, RuntimeConfig
-from drpo_core.runtime_config import NodeTypeConfig
+from drpo_core.config.runtime import NodeTypeConfig
 
 EPS = 1e-9
 

@@ -13,11 +13,11 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
-from drpo_core.sections import Section
-from drpo_core.runtime_config import GeneratorRoleConfig, LearnerRoleConfig, RewardRoleConfig, RoleConfig, RuntimeConfig  # noqa: F401 (re-exported)
-from drpo_core.overrides import ConfigError, _apply_override, _merge, parse_yaml  # noqa: F401 (re-exported)
-from drpo_core.algorithm_options import (DIFFERENTIABLE_REWARD_KINDS, AlgoKind, AwrOptions, DpoOptions, DraftOptions,
-                                         GrpoOptions, OfflineAnchorsOptions, RaftOptions)
+from drpo_core.config.sections import Section
+from drpo_core.config.runtime import GeneratorRoleConfig, LearnerRoleConfig, RewardRoleConfig, RoleConfig, RuntimeConfig  # noqa: F401 (re-exported)
+from drpo_core.config.overrides import ConfigError, _apply_override, _merge, parse_yaml  # noqa: F401 (re-exported)
+from drpo_core.config.algorithm_options import (DIFFERENTIABLE_REWARD_KINDS, AlgoKind, AwrOptions, DpoOptions, DraftOptions,
+                                                GrpoOptions, OfflineAnchorsOptions, RaftOptions)
 
 
 class ModelConfig(Section):
@@ -201,7 +201,7 @@ class AlgoConfig(Section):
                                                      "/ worst fails, the first K candidates regressed, skipped prompts "
                                                      "leave the mean)")
     shuffle_rewards: bool = Field(False, description="control run: shuffle scores within each prompt group before ranking")
-    # options of the other objectives and of offline anchors (drpo_core/algorithm_options.py)
+    # options of the other objectives and of offline anchors (drpo_core/config/algorithm_options.py)
     draft: DraftOptions = DraftOptions()
     dpo: DpoOptions = DpoOptions()
     grpo: GrpoOptions = GrpoOptions()

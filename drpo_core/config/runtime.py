@@ -1,4 +1,4 @@
-"""Config sections of the Ray actor–learner runtime (``runtime:`` in drpo_core/config.py; docs/ray.md)."""
+"""Config sections of the Ray actor–learner runtime (``runtime:`` in drpo_core/config/schema.py; docs/ray.md)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
-from drpo_core.sections import Section
+from drpo_core.config.sections import Section
 
 
 class RoleConfig(Section):

@@ -1,4 +1,4 @@
-"""Config sections of the objectives other than the default DrPO drift (hung under ``algo`` in config.py).
+"""Config sections of the objectives other than the default DrPO drift (hung under ``algo`` in schema.py).
 
 ``algo.kind`` picks the objective; everything else (generator, sampler, rewards, evaluation, runtime) is
 shared, so a comparison differs only in the loss. Defaults follow the official baselines
@@ -13,7 +13,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from drpo_core.sections import Section as _Section
+from drpo_core.config.sections import Section as _Section
 
 AlgoKind = Literal["drpo", "drpo-awr", "drpo-awr-topk", "drpo-awr-hard", "drpo-awr-advsign", "draft", "dpo", "grpo", "raft"]
 # kinds whose objective is a drift regression in feature space (they use the feature encoder φ)
