@@ -9,9 +9,9 @@ from typing import Optional
 
 import typer
 
-from services.cli_common import fail, load
-from services.cli_eval import eval_app
-from services.cli_toy import pretrain_toy_command
+from services.cli.common import fail, load
+from services.cli.eval import eval_app
+from services.cli.pretrain_toy import pretrain_toy_command
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Drifting Preference Optimization for one-step generators.")
 
@@ -55,18 +55,18 @@ def train(
 ) -> None:
     """Train with DrPO and write metrics, reward curve, sample grids and checkpoints."""
     cfg = load(config, set_, output_dir)
-    from services.rewards import check_reward_endpoints
+    from services.rewards.clients import check_reward_endpoints
 
     try:
         check_reward_endpoints(cfg)  # an unreachable reward server: one line now, not a run of NaN scores
     except ValueError as e:
         fail(str(e))
     if local:
-        from services.train_local import run_local
+        from services.runtime.train_local import run_local
 
         run_local(cfg, resume=resume, fail=fail)
     else:  # Ray: joins RAY_ADDRESS (e.g. under `ray job submit`) or starts an embedded local cluster
-        from services.train_ray import run_ray
+        from services.runtime.train_ray import run_ray
 
         run_ray(cfg, resume=resume, fail=fail)
 
@@ -83,7 +83,7 @@ def serve_reward(
 ) -> None:
     """Serve one reward to remote trainers over HTTP (JSON) or gRPC, with /healthz and Prometheus metrics."""
     from drpo_core.config import ConfigError
-    from services.reward_server import reward_config_from_cli, serve_reward as serve
+    from services.rewards.server import reward_config_from_cli, serve_reward as serve
 
     try:
         serve(reward_config_from_cli(reward, set_), host, port, token_env, use_grpc=grpc, metrics_port=metrics_port)

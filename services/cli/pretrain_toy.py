@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from services.cli_common import fail
+from services.cli.common import fail
 
 
 def pretrain_toy_command(

@@ -17,10 +17,10 @@ import ray
 from ray.exceptions import GetTimeoutError, RayError
 
 from drpo_core.config import DrpoConfig
-from services.actors import GeneratorActor, LearnerActor, RewardActor
-from services.replica_pool import HEALTH_GROUP, PoolExhaustedError, ReplicaPool, short_error
-from services.roles import ResourcePlan, Role, cluster_view
-from services.weight_sync import WEIGHTS_GROUP
+from services.runtime.actors import GeneratorActor, LearnerActor, RewardActor
+from services.runtime.replica_pool import HEALTH_GROUP, PoolExhaustedError, ReplicaPool, short_error
+from services.runtime.roles import ResourcePlan, Role, cluster_view
+from services.runtime.weight_sync import WEIGHTS_GROUP
 
 # Variables every actor needs to see like the driver does (offline hub, model cache, tokenizer threads).
 PROPAGATED_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME", "HF_HUB_CACHE", "DRPO_CACHE", "TOKENIZERS_PARALLELISM")

@@ -1,6 +1,6 @@
 """The transport-independent half of a reward server: limits, PNG decoding, the reward call, metrics.
 
-Both front ends (JSON over HTTP in ``services/reward_server.py``, gRPC in ``services/grpc_reward/server.py``)
+Both front ends (JSON over HTTP in ``services/rewards/server.py``, gRPC in ``services/rewards/grpc_reward/server.py``)
 hand :meth:`ScoringCore.score` the prompts, raw PNG bytes and metadata of one request and get back one
 ``float | None`` per image (None = the reward gave no finite score).
 """

@@ -1,6 +1,6 @@
 """What every ``drpo`` command shares: the one-line user error (exit 2) and loading the config.
 
-The commands (``services/cli.py``, ``cli_eval.py``, ``cli_toy.py``) import this module; it imports none of them.
+The commands (``main.py``, ``eval.py``, ``pretrain_toy.py`` in services/cli/) import this module; it imports none of them.
 """
 
 from __future__ import annotations

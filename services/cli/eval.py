@@ -9,7 +9,7 @@ from typing import Optional
 
 import typer
 
-from services.cli_common import fail, load
+from services.cli.common import fail, load
 
 eval_app = typer.Typer(add_completion=False, invoke_without_command=True,
                        help="Evaluate a checkpoint or the base model on fixed prompts and seeds; `compare` pairs two results.")

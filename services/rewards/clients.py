@@ -17,11 +17,11 @@ from drpo_core.rewards import build_reward as build_core_reward
 
 def build_reward(cfg: RewardConfig) -> RewardFn:
     if cfg.kind == "grpc":
-        from services.grpc_reward.client import GrpcReward
+        from services.rewards.grpc_reward.client import GrpcReward
 
         return GrpcReward.from_config(cfg)
     if cfg.kind == "flow_grpo":
-        from services.flow_grpo_reward import FlowGrpoReward
+        from services.rewards.flow_grpo_client import FlowGrpoReward
 
         return FlowGrpoReward.from_config(cfg)
     return build_core_reward(cfg)

@@ -32,12 +32,12 @@ from drpo_core.training.prompts import PromptSampler, training_prompts
 from drpo_core.training.reporting import MetricsWriter, plot_reward_curve
 from drpo_core.training.tracking import RunTracker
 from drpo_core.training.trainer import group_stats
-from services.actors import LearnerRestartedError, running_stats
-from services.pipeline import GroupPipeline, TrackedGroup
-from services.replica_pool import short_error
-from services.runtime import RayRuntime
-from services.weight_sync import CollectivePublisher, sync_mode
-from services.weights import WeightStore
+from services.runtime.actors import LearnerRestartedError, running_stats
+from services.runtime.pipeline import GroupPipeline, TrackedGroup
+from services.runtime.replica_pool import short_error
+from services.runtime.cluster import RayRuntime
+from services.runtime.weight_sync import CollectivePublisher, sync_mode
+from services.runtime.weights import WeightStore
 
 log = logging.getLogger("drpo.controller")
 
@@ -307,4 +307,4 @@ class Controller:
             unmapped = self.exporter.export(stats)
             if unmapped and not self.counters["warned_unmapped"]:
                 self.counters["warned_unmapped"] = 1
-                log.warning("metrics without a Prometheus entry in services/metrics.py: %s", unmapped)
+                log.warning("metrics without a Prometheus entry in services/observability/metrics.py: %s", unmapped)

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from services.grpc_reward import reward_pb2 as services_dot_grpc__reward_dot_reward__pb2
+from services.rewards.grpc_reward import reward_pb2 as services_dot_rewards_dot_grpc__reward_dot_reward__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in services/grpc_reward/reward_pb2_grpc.py depends on'
+        + ' but the generated code in services/rewards/grpc_reward/reward_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -39,13 +39,13 @@ class RewardServiceStub:
         """
         self.Score = channel.unary_unary(
                 '/drpo.reward.v1.RewardService/Score',
-                request_serializer=services_dot_grpc__reward_dot_reward__pb2.ScoreRequest.SerializeToString,
-                response_deserializer=services_dot_grpc__reward_dot_reward__pb2.ScoreResponse.FromString,
+                request_serializer=services_dot_rewards_dot_grpc__reward_dot_reward__pb2.ScoreRequest.SerializeToString,
+                response_deserializer=services_dot_rewards_dot_grpc__reward_dot_reward__pb2.ScoreResponse.FromString,
                 _registered_method=True)
         self.Health = channel.unary_unary(
                 '/drpo.reward.v1.RewardService/Health',
-                request_serializer=services_dot_grpc__reward_dot_reward__pb2.HealthRequest.SerializeToString,
-                response_deserializer=services_dot_grpc__reward_dot_reward__pb2.HealthResponse.FromString,
+                request_serializer=services_dot_rewards_dot_grpc__reward_dot_reward__pb2.HealthRequest.SerializeToString,
+                response_deserializer=services_dot_rewards_dot_grpc__reward_dot_reward__pb2.HealthResponse.FromString,
                 _registered_method=True)
 
 
@@ -72,13 +72,13 @@ def add_RewardServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Score': grpc.unary_unary_rpc_method_handler(
                     servicer.Score,
-                    request_deserializer=services_dot_grpc__reward_dot_reward__pb2.ScoreRequest.FromString,
-                    response_serializer=services_dot_grpc__reward_dot_reward__pb2.ScoreResponse.SerializeToString,
+                    request_deserializer=services_dot_rewards_dot_grpc__reward_dot_reward__pb2.ScoreRequest.FromString,
+                    response_serializer=services_dot_rewards_dot_grpc__reward_dot_reward__pb2.ScoreResponse.SerializeToString,
             ),
             'Health': grpc.unary_unary_rpc_method_handler(
                     servicer.Health,
-                    request_deserializer=services_dot_grpc__reward_dot_reward__pb2.HealthRequest.FromString,
-                    response_serializer=services_dot_grpc__reward_dot_reward__pb2.HealthResponse.SerializeToString,
+                    request_deserializer=services_dot_rewards_dot_grpc__reward_dot_reward__pb2.HealthRequest.FromString,
+                    response_serializer=services_dot_rewards_dot_grpc__reward_dot_reward__pb2.HealthResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -109,8 +109,8 @@ class RewardService:
             request,
             target,
             '/drpo.reward.v1.RewardService/Score',
-            services_dot_grpc__reward_dot_reward__pb2.ScoreRequest.SerializeToString,
-            services_dot_grpc__reward_dot_reward__pb2.ScoreResponse.FromString,
+            services_dot_rewards_dot_grpc__reward_dot_reward__pb2.ScoreRequest.SerializeToString,
+            services_dot_rewards_dot_grpc__reward_dot_reward__pb2.ScoreResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -136,8 +136,8 @@ class RewardService:
             request,
             target,
             '/drpo.reward.v1.RewardService/Health',
-            services_dot_grpc__reward_dot_reward__pb2.HealthRequest.SerializeToString,
-            services_dot_grpc__reward_dot_reward__pb2.HealthResponse.FromString,
+            services_dot_rewards_dot_grpc__reward_dot_reward__pb2.HealthRequest.SerializeToString,
+            services_dot_rewards_dot_grpc__reward_dot_reward__pb2.HealthResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -36,8 +36,8 @@ def run_local(cfg, resume: Path | None, fail: Callable[[str], None]) -> dict:
     from drpo_core.models.generator import ModelLoadError
     from drpo_core.training.tracking import TrackerError
     from drpo_core.training.trainer import DrpoTrainer, build_rewards
-    from services.progress import StepProgress
-    from services.rewards import build_reward
+    from services.observability.progress import StepProgress
+    from services.rewards.clients import build_reward
 
     console = Console(stderr=True, soft_wrap=True)  # log files: one line per message
     out = Path(cfg.output.dir)

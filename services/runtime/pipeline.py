@@ -21,9 +21,9 @@ from drpo_core.config import DrpoConfig
 from drpo_core.algorithms.groups import candidate_seed
 from drpo_core.training.prompts import prompt_metadata
 from drpo_core.algorithms.ranking import SKIP_TOO_FEW_NEGATIVES, SKIP_TOO_FEW_POSITIVES, select_anchors
-from services.actors import GenerationInfo, GroupRequest, ScoreResult
-from services.replica_pool import Completion, ReplicaPool
-from services.weights import WeightStore
+from services.runtime.actors import GenerationInfo, GroupRequest, ScoreResult
+from services.runtime.replica_pool import Completion, ReplicaPool
+from services.runtime.weights import WeightStore
 
 log = logging.getLogger("drpo.pipeline")
 

@@ -2,7 +2,7 @@
 
 ``CandidateSampler``, ``RewardScorer`` and ``DrpoLearner`` do the work; these classes only build them
 from the validated config (sent as JSON), pull published weights, time their calls and return small
-control records next to the data. ``ray.remote`` is applied from outside (services/runtime.py), so a
+control records next to the data. ``ray.remote`` is applied from outside (services/runtime/cluster.py), so a
 test can construct every class in-process.
 """
 
@@ -23,13 +23,13 @@ from drpo_core.models.generator_factory import load_generator
 from drpo_core.algorithms.groups import CandidateGroup
 from drpo_core.algorithms.normalizer import RunningStats
 from drpo_core.rewards.budget import CallBudget
-from services.rewards import build_reward  # grpc / flow_grpo clients live in services
+from services.rewards.clients import build_reward  # grpc / flow_grpo clients live in services
 from drpo_core.training import data_parallel
 from drpo_core.training.sampler import CandidateSampler
 from drpo_core.training.scoring import RewardScorer
 from drpo_core.training.trainer import DrpoTrainer, build_rewards
-from services.weight_sync import SyncReceiver, SyncSender, sync_dtype, sync_mode
-from services.weights import WeightsHandle, pack_state, unpack_state
+from services.runtime.weight_sync import SyncReceiver, SyncSender, sync_dtype, sync_mode
+from services.runtime.weights import WeightsHandle, pack_state, unpack_state
 
 
 @dataclass(frozen=True)
@@ -314,7 +314,7 @@ class LearnerActor:
         object-store copy of this version, the second its version number for the driver)."""
         return pack_state(self.trainer.generator.trainable_state_dict()), self.trainer.learner.version
 
-    # -- collective weight sync (services/weight_sync.py) -------------------------------------------
+    # -- collective weight sync (services/runtime/weight_sync.py) -----------------------------------
     def _live_state(self) -> dict[str, torch.Tensor]:
         g = self.trainer.generator  # the full UNet without a CPU copy; a LoRA in peft naming
         return g.trainable_state_dict() if g.lora_cfg.enabled else {k: v.detach() for k, v in g.unet.state_dict().items()}

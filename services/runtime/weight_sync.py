@@ -2,7 +2,7 @@
 
 ``runtime.weight_sync``:
 
-- ``object_store`` — the learner's trainable state is one object-store copy per version (services/weights.py);
+- ``object_store`` — the learner's trainable state is one object-store copy per version (services/runtime/weights.py);
   each generator pulls it when a request carries a version it does not hold. Cheap for a LoRA (13 MiB).
 - ``collective`` — learner rank 0 casts the state to ``runtime.weight_sync_dtype`` and broadcasts it to every
   live generator over a torch.distributed group of its own (gloo on CPU, NCCL on GPU;
@@ -32,7 +32,7 @@ from typing import Any, Callable
 import torch
 
 from drpo_core.training.weight_broadcast import BroadcastGroup, Layout, layout_of
-from services.weights import WeightsHandle, pack_state, unpack_state
+from services.runtime.weights import WeightsHandle, pack_state, unpack_state
 
 log = logging.getLogger("drpo.weight_sync")
 WEIGHTS_GROUP = {"weights": 1}  # concurrency group for receiving / serving weights next to the actor's main work

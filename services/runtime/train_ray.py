@@ -12,8 +12,8 @@ from typing import Callable
 
 from rich.console import Console
 
-from services.progress import StepProgress
-from services.train_local import check_output_dir, print_run_summary
+from services.observability.progress import StepProgress
+from services.runtime.train_local import check_output_dir, print_run_summary
 
 
 def run_ray(cfg, resume: Path | None, fail: Callable[[str], None]) -> dict:
@@ -22,10 +22,10 @@ def run_ray(cfg, resume: Path | None, fail: Callable[[str], None]) -> dict:
     from drpo_core.training.checkpoint import CheckpointError
     from drpo_core.models.generator import ModelLoadError, resolve_model_path
     from drpo_core.training.tracking import TrackerError
-    from services.controller import Controller
-    from services.metrics import MetricsExporter
-    from services.roles import PlacementError
-    from services.runtime import LearnerStartError, PoolExhaustedError, RayRuntime, connect
+    from services.runtime.controller import Controller
+    from services.observability.metrics import MetricsExporter
+    from services.runtime.roles import PlacementError
+    from services.runtime.cluster import LearnerStartError, PoolExhaustedError, RayRuntime, connect
 
     console = Console(stderr=True, soft_wrap=True)  # log files: one line per message
     out = Path(cfg.output.dir)

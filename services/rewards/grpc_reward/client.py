@@ -14,7 +14,7 @@ import grpc
 
 from drpo_core.config import RewardConfig
 from drpo_core.rewards.http import Batch, BatchFailure, RemoteReward, TransientFailure, encode_png, token_from_env
-from services.grpc_reward import reward_pb2, reward_pb2_grpc
+from services.rewards.grpc_reward import reward_pb2, reward_pb2_grpc
 
 RETRY_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
                          grpc.StatusCode.RESOURCE_EXHAUSTED})

@@ -48,7 +48,7 @@ class WeightsHandle:
     """A published policy version. ``ref`` is a Ray ObjectRef to a :func:`pack_state` payload (or, in-process,
     the payload itself). Passed inside a request object, Ray does not resolve it: the receiver decides.
 
-    Collective weight sync (services/weight_sync.py) sends no payload: ``ref`` is None, ``source`` is the
+    Collective weight sync (services/runtime/weight_sync.py) sends no payload: ``ref`` is None, ``source`` is the
     learner to fetch a missed broadcast from, and ``serial`` (the publish count, monotonic across learner
     rollbacks) orders publishes."""
 

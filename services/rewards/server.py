@@ -29,7 +29,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
 
 from drpo_core.config import RewardConfig
-from services.reward_scoring import RewardFailed, RewardServerMetrics, ScoreRequestError, ScoringCore, ServerLimits
+from services.rewards.scoring import RewardFailed, RewardServerMetrics, ScoreRequestError, ScoringCore, ServerLimits
 
 ROUTES = ("/score", "/healthz", "/metrics", "/openapi.json")
 
@@ -197,7 +197,7 @@ def serve_reward(cfg: RewardConfig, host: str, port: int, token_env: str | None 
 
     ``metrics_port`` (gRPC only; HTTP serves /metrics itself) exports the Prometheus metrics there.
     """
-    from services.rewards import build_reward
+    from services.rewards.clients import build_reward
 
     token = os.environ.get(token_env) if token_env else None
     if token_env and not token:
@@ -213,7 +213,7 @@ def serve_reward(cfg: RewardConfig, host: str, port: int, token_env: str | None 
     reward_fn = build_reward(cfg)
     version = getattr(reward_fn, "version", None)
     if use_grpc:
-        from services.grpc_reward.server import serve_grpc
+        from services.rewards.grpc_reward.server import serve_grpc
 
         return serve_grpc(reward_fn, name=cfg.label, version=version, host=host, port=port, token=token, limits=limits,
                           metrics_port=metrics_port)

@@ -13,8 +13,8 @@ from concurrent import futures
 
 import grpc
 
-from services.grpc_reward import reward_pb2, reward_pb2_grpc
-from services.reward_scoring import RewardFailed, RewardServerMetrics, ScoreRequestError, ScoringCore, ServerLimits
+from services.rewards.grpc_reward import reward_pb2, reward_pb2_grpc
+from services.rewards.scoring import RewardFailed, RewardServerMetrics, ScoreRequestError, ScoringCore, ServerLimits
 
 
 class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
