@@ -14,8 +14,8 @@ import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from drpo_core.config.sections import Section
-from drpo_core.config.runtime import GeneratorRoleConfig, LearnerRoleConfig, RewardRoleConfig, RoleConfig, RuntimeConfig  # noqa: F401 (re-exported)
-from drpo_core.config.overrides import ConfigError, _apply_override, _merge, parse_yaml  # noqa: F401 (re-exported)
+from drpo_core.config.runtime import RuntimeConfig
+from drpo_core.config.overrides import ConfigError, _apply_override, _merge, parse_yaml
 from drpo_core.config.algorithm_options import (DIFFERENTIABLE_REWARD_KINDS, AlgoKind, AwrOptions, DpoOptions, DraftOptions,
                                                 GrpoOptions, OfflineAnchorsOptions, RaftOptions)
 
