@@ -69,7 +69,7 @@ smoke-real: install
 
 # Regenerate the committed gRPC stubs of the reward service (same command as in the .proto header).
 protos: $(STAMP)
-	$(PY) -m grpc_tools.protoc -I. --python_out=. --pyi_out=. --grpc_python_out=. services/grpc_reward/reward.proto
+	$(PY) -m grpc_tools.protoc -I. --python_out=. --pyi_out=. --grpc_python_out=. services/rewards/grpc_reward/reward.proto
 
 clean:
 	rm -rf runs .cache .pytest_cache

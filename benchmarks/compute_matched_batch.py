@@ -75,7 +75,7 @@ class Bench:
     def __init__(self, args, tower_name: str, model_path: str):
         from drpo_core.config import AlgoConfig, FeaturesConfig, LoraConfig, ModelConfig
         from drpo_core.features import build_encoder
-        from drpo_core.models.generator import load_generator
+        from drpo_core.models.generator_factory import load_generator
 
         self.args, self.cuda = args, args.device == "cuda"
         dtype = "bfloat16" if self.cuda else "float32"

@@ -116,8 +116,8 @@ class Bench:
 
     # -- one in-process run with injections at step boundaries --------------------------------------------
     def run(self, name: str, plan: dict[int, list[str]], label: str | None = None) -> dict:
-        from services.controller import Controller
-        from services.runtime import RayRuntime
+        from services.runtime.controller import Controller
+        from services.runtime.cluster import RayRuntime
 
         cfg, injections, error, mounts = self.config(name), Counter(), None, []
         out = Path(cfg.output.dir)

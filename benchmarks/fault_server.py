@@ -23,7 +23,7 @@ from fastapi import FastAPI, Request, Response
 from fastapi.responses import StreamingResponse
 
 from drpo_core.rewards.hue import HueFractionReward
-from services.reward_scoring import ScoringCore
+from services.rewards.scoring import ScoringCore
 
 FAULTS = ("hang", "500", "503", "garbage", "short", "nan", "drop")
 RETRIED = {"503", "drop"}  # faults that only delay: the run must end with the fault-free weights

@@ -135,7 +135,7 @@ def timed(fn, repeats: int, cuda: bool) -> tuple[float, float]:
 def measure(kind: str, path: str, args, pixel_paths: dict[str, str]) -> dict[str, tuple[float, float]]:
     from drpo_core.config import AlgoConfig, FeaturesConfig, LoraConfig, ModelConfig, TrainerConfig
     from drpo_core.features import build_encoder
-    from drpo_core.models.generator import load_generator
+    from drpo_core.models.generator_factory import load_generator
     from drpo_core.training.learner import DrpoLearner
     from drpo_core.training.sampler import CandidateSampler
 

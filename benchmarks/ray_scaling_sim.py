@@ -69,7 +69,7 @@ class SimGenerator:
 
     def generate(self, weights, request):
         from drpo_core.algorithms.groups import CandidateGroup
-        from services.actors import GenerationInfo
+        from services.runtime.actors import GenerationInfo
 
         sync = self._sync(weights)
         t0 = time.perf_counter()
@@ -94,7 +94,7 @@ class SimReward:
     def score(self, group, budget=None):  # budget: the pool's CallBudget (a simulated reward makes one try)
         from drpo_core.algorithms.groups import stable_seed
         from drpo_core.algorithms.ranking import zscore
-        from services.actors import ScoreResult
+        from services.runtime.actors import ScoreResult
 
         t0 = time.perf_counter()
         _sleep(group.size * self.per_image * self.scale)
@@ -130,7 +130,7 @@ class SimLearner:
                 "loss": 0.0, "timing/update_s": time.perf_counter() - t0}
 
     def publish_weights(self) -> tuple[dict, int]:
-        from services.weights import pack_state
+        from services.runtime.weights import pack_state
 
         return pack_state(self.lora), self.version
 
@@ -140,8 +140,8 @@ class SimLearner:
 
 def run_config(n_gen: int, n_rew: int, reward: str, args) -> dict:
     from drpo_core.config import load_config
-    from services.controller import Controller
-    from services.runtime import RayRuntime, RoleClasses
+    from services.runtime.controller import Controller
+    from services.runtime.cluster import RayRuntime, RoleClasses
 
     env = (f"{{env_vars: {{DRPO_SIM_SCALE: '{args.time_scale}', DRPO_SIM_REWARD: {reward}, "
            f"DRPO_SIM_LEARNER_SHARDS: '{args.learner_shards}'}}}}")  # passed as each role's runtime_env

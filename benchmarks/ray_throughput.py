@@ -67,8 +67,8 @@ def _measure_local(cfg, steps: int, DrpoTrainer) -> dict:
 
 
 def measure_ray(cfg, steps: int) -> dict:
-    from services.controller import Controller
-    from services.runtime import RayRuntime
+    from services.runtime.controller import Controller
+    from services.runtime.cluster import RayRuntime
 
     t0 = time.perf_counter()
     rt = RayRuntime.start(cfg, Path(tempfile.mkdtemp(prefix="bench-ray-")))
@@ -106,7 +106,7 @@ def main() -> None:
     import ray
 
     from drpo_core.config import load_config
-    from services.runtime import connect
+    from services.runtime.cluster import connect
 
     base = load_config([args.config], args.overrides)
     candidates = base.trainer.prompts_per_step * base.algo.num_candidates

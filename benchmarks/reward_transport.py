@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 from drpo_core.rewards.hue import HueFractionReward  # noqa: E402
 from drpo_core.rewards.http import HttpReward  # noqa: E402
-from services.grpc_reward.client import GrpcReward  # noqa: E402
+from services.rewards.grpc_reward.client import GrpcReward  # noqa: E402
 
 CASES = [(64, 512), (512, 64)]  # (image side, images per call)
 PROMPTS = ["a photo of a red car", "a photo of a blue cup", "a photo of a green bird", "a photo of a purple boat"]

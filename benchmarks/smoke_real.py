@@ -107,7 +107,7 @@ def main() -> int:
     from drpo_core.algorithms.groups import candidate_seed
     from drpo_core.config import load_config
     from drpo_core.features import build_encoder
-    from drpo_core.models.generator import load_generator
+    from drpo_core.models.generator_factory import load_generator
     from drpo_core.training.trainer import build_rewards
     from drpo_core.training.learner import DrpoLearner
     from drpo_core.training.sampler import CandidateSampler

@@ -72,7 +72,7 @@ class Learner:
         self.state = self.layout.unflatten(self.buckets)
 
     def publish(self) -> dict:
-        from services.weights import pack_state
+        from services.runtime.weights import pack_state
 
         return pack_state(self.state)  # the return value is the one object-store copy (on this node)
 
@@ -121,7 +121,7 @@ class Puller:
     def pull(self, handle: list) -> float:
         import ray
 
-        from services.weights import unpack_state
+        from services.runtime.weights import unpack_state
 
         t0 = time.perf_counter()
         state = unpack_state(ray.get(handle[0]))

@@ -2,11 +2,11 @@
 
 ``LiveStack.start()`` serves
 
-* the controller's :class:`services.metrics.MetricsExporter`, fed every 0.2 s with one step's stats built the
+* the controller's :class:`services.observability.metrics.MetricsExporter`, fed every 0.2 s with one step's stats built the
   way the controller builds them: rewards scored over HTTP by the real :class:`HttpReward` client, anchors
   from :func:`drpo_core.algorithms.ranking.select_anchors`, loss and drift norms from :func:`drpo_core.algorithms.loss.drpo_group_loss`
   on multi-scale features, plus the runtime's timing / lag / fault / pool counters;
-* the reward server of :func:`services.reward_server.create_app` (hue reward, bearer token), which that client
+* the reward server of :func:`services.rewards.server.create_app` (hue reward, bearer token), which that client
   calls with the right token and, as a second reward, with a wrong one (401 → missing scores);
 
 and runs ``prometheus`` with deploy/prometheus/prometheus.yml (its job names and relabelling; targets pointed
@@ -124,8 +124,8 @@ class LiveStack:
     def start(self) -> None:
         from drpo_core.rewards.http import HttpReward
         from drpo_core.rewards.hue import HueFractionReward
-        from services.metrics import MetricsExporter
-        from services.reward_server import create_app
+        from services.observability.metrics import MetricsExporter
+        from services.rewards.server import create_app
 
         self._exporter = MetricsExporter(run="deploy-test")
         exporter_port = self._exporter.serve(0, host="127.0.0.1")

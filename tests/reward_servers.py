@@ -24,7 +24,7 @@ import uvicorn
 from fastapi import FastAPI, Request, Response
 
 from drpo_core.rewards.hue import HueFractionReward
-from services.reward_scoring import ScoringCore
+from services.rewards.scoring import ScoringCore
 
 
 def exact_images(n: int, side: int = 16, seed: int = 0) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""The actors' own series (services/actor_metrics.py) on a real Ray head's metrics export, scraped by a real
+"""The actors' own series (services/observability/actor_metrics.py) on a real Ray head's metrics export, scraped by a real
 Prometheus, and every dashboard query of the actor panels answered from it."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import httpx
 import pytest
 import ray
 
-from services.actor_metrics import exported_names
+from services.observability.actor_metrics import exported_names
 from tests.deploy_live import free_port
 from tests.test_deploy import ACTOR_MARK, dashboard_targets, prometheus_tool, substitute
 from tests.test_ray_train import config, run

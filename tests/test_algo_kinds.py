@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from drpo_core.config import load_config
-from services.cli import app
+from services.cli.main import app
 
 # the tiny default with fewer candidates and no held-out eval: each run takes seconds
 FAST = ["trainer.steps=2", "trainer.prompts_per_step=2", "algo.num_candidates=6", "algo.num_anchors=2",

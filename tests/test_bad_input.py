@@ -24,8 +24,8 @@ from drpo_core.rewards.hue import HueFractionReward
 from drpo_core.training.prompts import training_prompts
 from drpo_core.training.scoring import RewardScorer
 from drpo_core.algorithms.groups import CandidateGroup
-from services.reward_server import create_app
-from services.rewards import check_reward_endpoints
+from services.rewards.server import create_app
+from services.rewards.clients import check_reward_endpoints
 from tests.reward_servers import free_port, uvicorn_server
 
 ROOT = Path(__file__).resolve().parents[1]

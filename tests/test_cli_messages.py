@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from services.progress import StepProgress
+from services.observability.progress import StepProgress
 
 ROOT = Path(__file__).resolve().parents[1]
 ONE_STEP = ["--set", "trainer.steps=1", "--set", "trainer.prompts_per_step=1", "--set", "algo.num_candidates=4",

@@ -5,8 +5,8 @@
 * The ConfigMap's drpo config: loads with ``load_config``, equals the SD-Turbo preset, its resource plan
   fits the RayCluster's pods (``ResourcePlan.check``), and the RayJob mounts it where the entrypoint reads it.
 * Prometheus: ``promtool check config/rules``, ``promtool test rules`` (every alert fires on its condition
-  and stays quiet otherwise), then a real ``prometheus`` scraping our real exporters (services/metrics.py
-  fed by real drpo_core code paths, services/reward_server.py answering a real HTTP reward client) and
+  and stays quiet otherwise), then a real ``prometheus`` scraping our real exporters (services/observability/metrics.py
+  fed by real drpo_core code paths, services/rewards/server.py answering a real HTTP reward client) and
   evaluating every PromQL expression of the Grafana dashboard and of the rules.
 
 Not possible here, so not claimed: building the image (no Docker engine), ``kubectl apply`` (no cluster),
@@ -28,7 +28,7 @@ import torch
 import yaml
 
 from drpo_core.config import load_config
-from services.roles import PlacementError, ResourcePlan
+from services.runtime.roles import PlacementError, ResourcePlan
 from tests.deploy_alert_cases import ALERT_CASES, promtool_tests
 from tests.deploy_checks import (CRD_FILES, load_yaml_documents, manifest_errors, mutated, promql_metric_names,
                                  ray_nodes)
@@ -243,7 +243,7 @@ def test_metrics_ports_and_thresholds_agree_across_files(tmp_path):
 
 
 def test_reward_server_manifest_serves_a_valid_reward_with_token_probes_and_service(tmp_path):
-    from services.reward_server import ROUTES, reward_config_from_cli
+    from services.rewards.server import ROUTES, reward_config_from_cli
 
     objects = {d["kind"]: d for d in docs("reward-server.yaml")}
     pod = objects["Deployment"]["spec"]["template"]["spec"]
@@ -316,8 +316,8 @@ def test_compose_stack_mounts_existing_files_and_matches_the_prometheus_targets(
 # -- dashboard and rules: names and structure ---------------------------------------------------------
 def known_metric_names() -> set[str]:
     """Every sample name our exporters produce (prometheus_client naming, from a full set of stats)."""
-    from services.metrics import METRICS, MetricsExporter, spec_for
-    from services.reward_scoring import RewardServerMetrics
+    from services.observability.metrics import METRICS, MetricsExporter, spec_for
+    from services.rewards.scoring import RewardServerMetrics
 
     exporter = MetricsExporter()
     scores = torch.cat([torch.linspace(0, 1, 8), torch.full((8,), 0.5)]).view(2, 8)  # the second group is skipped
@@ -370,7 +370,7 @@ def test_dashboard_layout_datasource_and_variables():
 
 def test_every_query_uses_only_metric_names_that_exist():
     ours, ray = known_metric_names(), ray_dashboard_metric_names()
-    from services.actor_metrics import exported_names
+    from services.observability.actor_metrics import exported_names
 
     actor_names = exported_names()
     assert {"ray_node_gpus_utilization", "ray_object_store_memory"} <= ray  # the lookup itself works
@@ -387,7 +387,7 @@ def test_every_query_uses_only_metric_names_that_exist():
     for name, expr in rule_expressions():
         assert promql_metric_names(expr) <= ours | recorded, name
     covered = {n for _, t in dashboard_targets() for n in promql_metric_names(t["expr"])}
-    from services.metrics import METRICS
+    from services.observability.metrics import METRICS
 
     missing = {s.name for s in METRICS} - {re.sub(r"_(total|bucket|count|sum)$", "", n) for n in covered}
     assert not missing, f"metrics without a dashboard panel: {missing}"

@@ -11,7 +11,7 @@ from drpo_core.config import load_config
 from drpo_core.models.model_card import read_lora
 from drpo_core.training.checkpoint import EMA_FILE, CheckpointError, trained_weights_file
 from drpo_core.training.trainer import DrpoTrainer
-from services.cli_eval import load_for_eval
+from services.cli.eval import load_for_eval
 
 FAST = ["trainer.prompts_per_step=2", "algo.num_candidates=6", "algo.num_anchors=2", "trainer.lr=1e-2"]
 BETA = 0.6  # far from 1, so one step's weight is visible in the average

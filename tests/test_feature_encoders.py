@@ -7,7 +7,7 @@ from safetensors.torch import save_file
 
 from drpo_core.config import FeaturesConfig, LoraConfig, ModelConfig
 from drpo_core.features import LatentResNetEncoder, build_encoder
-from drpo_core.models.generator import load_generator
+from drpo_core.models.generator_factory import load_generator
 from drpo_core.features.latent_checkpoint import to_model_key
 from drpo_core.models.tiny_models import tiny_pixel_encoder_path
 

@@ -4,10 +4,10 @@ W₀ restored bit-exactly, one merge per version however often the frozen base i
 import torch
 
 from drpo_core.config import load_config
-from drpo_core.models.generator import load_generator
+from drpo_core.models.generator_factory import load_generator
 from drpo_core.training.sampler import CandidateSampler
-from services.actors import GeneratorActor, GroupRequest
-from services.weights import WeightsHandle, pack_state
+from services.runtime.actors import GeneratorActor, GroupRequest
+from services.runtime.weights import WeightsHandle, pack_state
 
 
 def test_merged_generator_actor_samples_like_the_unmerged_lora_and_merges_once_per_version():

@@ -12,7 +12,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from drpo_core.config import LoraConfig, ModelConfig, RewardConfig
-from drpo_core.models.generator import ModelLoadError, load_generator, resolve_model_path
+from drpo_core.models.generator import ModelLoadError, resolve_model_path
+from drpo_core.models.generator_factory import load_generator
 from drpo_core.models.tiny_models import tiny_sd_turbo_path
 from drpo_core.rewards.model_factory import build_model_reward
 from tests.tiny_reward_models import build_tiny_hf_clip

@@ -9,7 +9,8 @@ import torch
 
 from drpo_core.config import load_config
 from drpo_core.models.export import export_checkpoint
-from drpo_core.models.generator import ModelLoadError, load_generator
+from drpo_core.models.generator import ModelLoadError
+from drpo_core.models.generator_factory import load_generator
 from drpo_core.training.trainer import DrpoTrainer
 from tests.test_hub import hf_cache, put_in_cache  # noqa: F401 (fixture)
 

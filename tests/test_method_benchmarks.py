@@ -30,7 +30,7 @@ def test_compare_methods_writes_table_plot_and_results(tmp_path):
 def test_feature_distance_is_zero_for_the_untrained_policy():
     from drpo_core.config import load_config
     from drpo_core.features import build_encoder
-    from drpo_core.models.generator import load_generator
+    from drpo_core.models.generator_factory import load_generator
 
     cfg = load_config(["deploy/configs/tiny.yaml"])
     gen = load_generator(cfg.model, cfg.lora)  # peft starts the LoRA at B = 0: policy == base

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from drpo_core.config import LoraConfig, ModelConfig
-from drpo_core.models.generator import ModelLoadError, OneStepGenerator, load_generator
+from drpo_core.models.generator import ModelLoadError, OneStepGenerator
+from drpo_core.models.generator_factory import load_generator
 from drpo_core.models.generator_sdxl import SdxlCondition, SdxlOneStepGenerator
 from drpo_core.models.tiny_models import tiny_sd_turbo_path, tiny_sdxl_path
 

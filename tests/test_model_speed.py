@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from drpo_core.config import LoraConfig, ModelConfig
-from drpo_core.models.generator import load_generator
+from drpo_core.models.generator_factory import load_generator
 
 PROMPTS, SEEDS = ["a photo of a red car", "a photo of a blue cup", "a photo of a green bird"], [7, 8, 9]
 

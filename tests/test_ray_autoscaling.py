@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from drpo_core.config import ConfigError, load_config
-from services.roles import PlacementError, ResourcePlan, Role, autoscaled_view, cluster_view
+from services.runtime.roles import PlacementError, ResourcePlan, Role, autoscaled_view, cluster_view
 
 NODE_TYPES = 'runtime.autoscaling={gen: {resources: {CPU: 8, GPU: 1, gen: 1}, max_workers: 3}, ' \
              'lrn: {resources: {CPU: 32, GPU: 4, lrn: 4}, max_workers: 2}}'
@@ -68,7 +68,7 @@ ray = pytest.importorskip("ray")
 
 
 def test_on_a_real_cluster_the_plan_waits_for_the_node_the_autoscaler_adds(ray_cluster, tmp_path):
-    from services.runtime import RayRuntime
+    from services.runtime.cluster import RayRuntime
 
     types = "runtime.autoscaling={lrn_pod: {resources: {CPU: 1, lrn_slot: 1}, max_workers: 2}}"
     base = ["runtime.learner.replicas=2", "runtime.learner.num_cpus=0.1", "runtime.learner.resources={lrn_slot: 1}",

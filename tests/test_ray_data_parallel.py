@@ -12,8 +12,8 @@ import torch
 
 from drpo_core.algorithms.groups import candidate_seed
 from drpo_core.config import load_config
-from services.actors import GeneratorActor, GroupRequest, LearnerActor, RewardActor, ScoreResult
-from services.weights import WeightsHandle, unpack_state
+from services.runtime.actors import GeneratorActor, GroupRequest, LearnerActor, RewardActor, ScoreResult
+from services.runtime.weights import WeightsHandle, unpack_state
 
 ray = pytest.importorskip("ray")
 

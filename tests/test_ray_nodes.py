@@ -21,8 +21,8 @@ from drpo_core.training.trainer import DrpoTrainer
 
 ray = pytest.importorskip("ray")
 
-from services.controller import Controller  # noqa: E402
-from services.runtime import RayRuntime  # noqa: E402
+from services.runtime.controller import Controller  # noqa: E402
+from services.runtime.cluster import RayRuntime  # noqa: E402
 
 MB = 1024 * 1024
 CONFIG = [

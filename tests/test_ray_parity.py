@@ -11,7 +11,7 @@ import torch
 
 from drpo_core.config import load_config
 from drpo_core.training.trainer import DrpoTrainer
-from services.weight_sync import sync_dtype, sync_mode
+from services.runtime.weight_sync import sync_dtype, sync_mode
 from tests.test_ray_train import assert_same_weights, run, trainable
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -6,12 +6,12 @@ from pathlib import Path
 import pytest
 
 from drpo_core.config import load_config
-from services.actors import RewardActor
-from services.roles import ResourcePlan, Role
+from services.runtime.actors import RewardActor
+from services.runtime.roles import ResourcePlan, Role
 
 ray = pytest.importorskip("ray")
 
-from services.runtime import PoolExhaustedError, RayRuntime  # noqa: E402
+from services.runtime.cluster import PoolExhaustedError, RayRuntime  # noqa: E402
 
 FAST = ["algo.num_candidates=6", "algo.num_anchors=2", "runtime.generator.num_cpus=0.3", "runtime.reward.num_cpus=0.1",
         "runtime.learner.num_cpus=0.5", "runtime.start_timeout_s=180", "runtime.health_check_interval_s=2"]
@@ -52,7 +52,7 @@ def test_an_embedded_cluster_starts_even_when_another_cluster_runs_on_the_machin
     import subprocess
     import sys
 
-    code = ("import ray; from drpo_core.config import load_config; from services.runtime import connect; "
+    code = ("import ray; from drpo_core.config import load_config; from services.runtime.cluster import connect; "
             "assert connect(load_config([], ['runtime.local_num_cpus=1'])); print('CPU', ray.cluster_resources()['CPU'])")
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=180,

@@ -10,10 +10,10 @@ import torch
 from drpo_core.config import ConfigError, load_config
 from drpo_core.algorithms.ranking import select_anchors
 from drpo_core.training.trainer import DrpoTrainer
-from services.actors import GeneratorActor, GroupRequest, LearnerActor, RewardActor, ScoreResult
-from services.metrics import METRICS, MetricsExporter, spec_for
-from services.roles import PlacementError, ResourcePlan, Role
-from services.weights import WeightStore, WeightsHandle, pack_state, unpack_state
+from services.runtime.actors import GeneratorActor, GroupRequest, LearnerActor, RewardActor, ScoreResult
+from services.observability.metrics import METRICS, MetricsExporter, spec_for
+from services.runtime.roles import PlacementError, ResourcePlan, Role
+from services.runtime.weights import WeightStore, WeightsHandle, pack_state, unpack_state
 
 FAST = ["trainer.prompts_per_step=2", "algo.num_candidates=6", "algo.num_anchors=2", "trainer.lr=1e-2"]
 
@@ -78,7 +78,7 @@ def test_actor_options_carry_resources_budgets_and_environment():
 
 
 def test_a_gpu_role_without_cuda_stops_in_one_line():
-    from services.actors import DeviceUnavailableError, check_gpu
+    from services.runtime.actors import DeviceUnavailableError, check_gpu
 
     check_gpu("reward", 0)  # no GPUs asked: nothing to check
     if torch.cuda.is_available():

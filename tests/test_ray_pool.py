@@ -13,8 +13,8 @@ from drpo_core.training.trainer import build_rewards
 
 ray = pytest.importorskip("ray")
 
-from services.actors import RewardActor  # noqa: E402
-from services.replica_pool import HEALTH_GROUP, PoolExhaustedError, ReplicaPool  # noqa: E402
+from services.runtime.actors import RewardActor  # noqa: E402
+from services.runtime.replica_pool import HEALTH_GROUP, PoolExhaustedError, ReplicaPool  # noqa: E402
 
 CFG = load_config([], ["algo.num_candidates=6", "algo.num_anchors=2"])
 

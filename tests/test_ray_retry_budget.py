@@ -72,9 +72,9 @@ def test_ray_task_retries_are_refused_for_pooled_roles():
 
 ray = pytest.importorskip("ray")
 
-from services.actors import RewardActor  # noqa: E402
-from services.replica_pool import HEALTH_GROUP, ReplicaPool  # noqa: E402
-from services.roles import ResourcePlan, Role  # noqa: E402
+from services.runtime.actors import RewardActor  # noqa: E402
+from services.runtime.replica_pool import HEALTH_GROUP, ReplicaPool  # noqa: E402
+from services.runtime.roles import ResourcePlan, Role  # noqa: E402
 
 
 def groups(n: int, tag: str) -> list[CandidateGroup]:
@@ -182,8 +182,8 @@ def test_a_training_run_through_a_stubborn_reward_spends_the_budget_and_finishes
     from pathlib import Path
 
     from drpo_core.training.reporting import read_metrics
-    from services.controller import Controller
-    from services.runtime import RayRuntime
+    from services.runtime.controller import Controller
+    from services.runtime.cluster import RayRuntime
 
     server = StubbornServer(failures=3)
     with uvicorn_server(server.app) as url:

@@ -26,9 +26,9 @@ from drpo_core.training.trainer import DrpoTrainer
 
 ray = pytest.importorskip("ray")
 
-from services.controller import Controller  # noqa: E402
-from services.metrics import MetricsExporter, spec_for  # noqa: E402
-from services.runtime import RayRuntime  # noqa: E402
+from services.runtime.controller import Controller  # noqa: E402
+from services.observability.metrics import MetricsExporter, spec_for  # noqa: E402
+from services.runtime.cluster import RayRuntime  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["trainer.prompts_per_step=2", "algo.num_candidates=6", "algo.num_anchors=2", "trainer.lr=1e-2",

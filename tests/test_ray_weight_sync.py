@@ -19,12 +19,12 @@ from drpo_core.training.reporting import read_metrics
 
 ray = pytest.importorskip("ray")
 
-from services.actors import GeneratorActor, GroupRequest, LearnerActor  # noqa: E402
-from services.controller import Controller  # noqa: E402
-from services.replica_pool import HEALTH_GROUP  # noqa: E402
-from services.runtime import RayRuntime  # noqa: E402
-from services.weight_sync import WEIGHTS_GROUP, CollectivePublisher, sync_mode  # noqa: E402
-from services.weights import WeightsHandle, unpack_state  # noqa: E402
+from services.runtime.actors import GeneratorActor, GroupRequest, LearnerActor  # noqa: E402
+from services.runtime.controller import Controller  # noqa: E402
+from services.runtime.replica_pool import HEALTH_GROUP  # noqa: E402
+from services.runtime.cluster import RayRuntime  # noqa: E402
+from services.runtime.weight_sync import WEIGHTS_GROUP, CollectivePublisher, sync_mode  # noqa: E402
+from services.runtime.weights import WeightsHandle, unpack_state  # noqa: E402
 
 FULL = ["lora.enabled=false", "trainer.prompts_per_step=2", "algo.num_candidates=4", "algo.num_anchors=1",
         "runtime.weight_sync_timeout_s=20", "runtime.request_timeout_s=60", "runtime.start_timeout_s=240",

@@ -3,7 +3,7 @@
 Client (``drpo_core/rewards/http.py``): whatever bytes a server answers, parsing gives exactly n scores or a
 BatchFailure (the batch becomes missing) — never another exception, never a non-finite score; whatever a
 Retry-After header holds, the wait is a finite number in [0, max_backoff_s].
-Server (``services/reward_server.py``, the real FastAPI app in-process): whatever JSON or bytes a client
+Server (``services/rewards/server.py``, the real FastAPI app in-process): whatever JSON or bytes a client
 posts, the answer is 200 with one finite-or-null score per image, or 400/413/422 with a one-line detail —
 never a 500 (a 500 would mean the server, not the client, is broken).
 """
@@ -22,8 +22,8 @@ from hypothesis import strategies as st
 
 from drpo_core.rewards.http import BatchFailure, HttpReward, _retry_after_s, as_score, encode_png
 from drpo_core.rewards.hue import HueFractionReward
-from services.reward_scoring import ServerLimits
-from services.reward_server import create_app
+from services.rewards.scoring import ServerLimits
+from services.rewards.server import create_app
 from tests.reward_servers import exact_images
 
 JSON_LEAVES = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=8)

@@ -19,11 +19,11 @@ import torch
 from drpo_core.config import RewardConfig
 from drpo_core.rewards.hue import HueFractionReward
 from drpo_core.rewards.http import encode_png
-from services.grpc_reward import reward_pb2, reward_pb2_grpc
-from services.grpc_reward.client import GrpcReward
-from services.grpc_reward.server import build_grpc_server
-from services.reward_scoring import ScoringCore, ServerLimits
-from services.rewards import build_reward
+from services.rewards.grpc_reward import reward_pb2, reward_pb2_grpc
+from services.rewards.grpc_reward.client import GrpcReward
+from services.rewards.grpc_reward.server import build_grpc_server
+from services.rewards.scoring import ScoringCore, ServerLimits
+from services.rewards.clients import build_reward
 from tests.reward_servers import MetadataEchoReward, exact_images, free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -266,11 +266,11 @@ def test_serve_reward_grpc_cli_answers_health_and_stops_on_sigterm():
 
 def test_committed_stubs_match_the_proto(tmp_path):
     """`make protos` output, regenerated into a temporary folder, equals the committed files."""
-    proto = "services/grpc_reward/reward.proto"
-    (tmp_path / "services" / "grpc_reward").mkdir(parents=True)
+    proto = "services/rewards/grpc_reward/reward.proto"
+    (tmp_path / "services" / "rewards" / "grpc_reward").mkdir(parents=True)
     (tmp_path / proto).write_bytes((Path(ROOT) / proto).read_bytes())
     subprocess.run([sys.executable, "-m", "grpc_tools.protoc", "-I.", "--python_out=.", "--pyi_out=.",
                     "--grpc_python_out=.", proto], cwd=tmp_path, check=True, timeout=60)
     for name in ("reward_pb2.py", "reward_pb2.pyi", "reward_pb2_grpc.py"):
-        generated = (tmp_path / "services" / "grpc_reward" / name).read_text()
-        assert generated == (Path(ROOT) / "services" / "grpc_reward" / name).read_text(), f"{name}: run `make protos`"
+        generated = (tmp_path / "services" / "rewards" / "grpc_reward" / name).read_text()
+        assert generated == (Path(ROOT) / "services" / "rewards" / "grpc_reward" / name).read_text(), f"{name}: run `make protos`"

@@ -20,10 +20,10 @@ from drpo_core.config import RewardConfig
 from drpo_core.rewards import build_reward as build_core_reward
 from drpo_core.rewards.hue import HueFractionReward
 from drpo_core.rewards.http import HttpReward, encode_png
-from services.flow_grpo_reward import FlowGrpoReward
-from services.reward_scoring import ServerLimits
-from services.reward_server import create_app
-from services.rewards import build_reward
+from services.rewards.flow_grpo_client import FlowGrpoReward
+from services.rewards.scoring import ServerLimits
+from services.rewards.server import create_app
+from services.rewards.clients import build_reward
 from tests.reward_servers import (FaultyServer, FlowGrpoStyleServer, MetadataEchoReward, exact_images, free_port,
                                   uvicorn_server)
 
@@ -253,7 +253,7 @@ def test_build_reward_http_from_config(hue_server, monkeypatch):
                        timeout_s=3, max_retries=1, max_concurrency=2, options={"backoff_s": 0.01})
     reward = build_core_reward(cfg)
     assert isinstance(reward, HttpReward) and reward.token == "unused-by-this-server" and reward.batch_size == 2
-    assert build_reward(cfg).url == reward.url  # services.rewards delegates http to the core
+    assert build_reward(cfg).url == reward.url  # services.rewards.clients delegates http to the core
     assert not torch.isnan(reward(exact_images(2), prompts_for(2))).any()
     reward.close()
     monkeypatch.delenv("DRPO_TEST_REWARD_TOKEN")

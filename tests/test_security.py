@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SOURCE_DIRS = ("drpo_core", "services", "benchmarks")
 # the only module allowed to unpickle: flow_grpo's protocol IS pickle; it needs allow_unsafe_pickle: true and
 # loads answers with a restricted unpickler that admits containers, numbers and numpy arrays only
-PICKLE_ALLOWED = {"services/flow_grpo_reward.py",
+PICKLE_ALLOWED = {"services/rewards/flow_grpo_client.py",
                   "benchmarks/learner_traffic.py"}  # pickle.dumps only: the serialized size Ray would ship (checked below)
 
 
@@ -81,7 +81,7 @@ def test_nothing_is_unpickled_from_the_network_or_from_checkpoints():
     traffic = (ROOT / "benchmarks" / "learner_traffic.py").read_text()
     assert "pickle.load" not in traffic and "Unpickler" not in traffic
     # the allowed module unpickles only through its restricted unpickler, behind an explicit opt-in
-    text = (ROOT / "services" / "flow_grpo_reward.py").read_text()
+    text = (ROOT / "services" / "rewards" / "flow_grpo_client.py").read_text()
     assert "class RestrictedUnpickler(pickle.Unpickler)" in text and "pickle.loads(" not in text
     assert "allow_unsafe_pickle" in text
 
@@ -183,7 +183,7 @@ def test_bearer_tokens_come_only_from_the_environment():
         load_config([], ["rewards=[{kind: http, url: 'http://127.0.0.1:1/score', token: abc}]"])
     cfg = load_config([], ["rewards=[{kind: http, url: 'http://127.0.0.1:1/score', token_env: MY_TOKEN}]"])
     assert "abc" not in str(cfg.model_dump()) and cfg.rewards[0].token_env == "MY_TOKEN"
-    from services.cli import serve_reward
+    from services.cli.main import serve_reward
 
     options = {p.name for p in __import__("inspect").signature(serve_reward).parameters.values()}
     assert "token_env" in options and "token" not in options  # no --token: a token never sits in argv or ps
@@ -191,7 +191,7 @@ def test_bearer_tokens_come_only_from_the_environment():
 
 @pytest.mark.skipif(not os.path.exists("/proc/net/tcp"), reason="needs Linux /proc/net/tcp")
 def test_controller_metrics_bind_loopback_by_default():
-    from services.metrics import MetricsExporter
+    from services.observability.metrics import MetricsExporter
 
     cfg = load_config([], [])
     assert cfg.runtime.metrics_host == "127.0.0.1"
@@ -204,9 +204,9 @@ def test_controller_metrics_bind_loopback_by_default():
 
 
 def test_the_embedded_local_ray_cluster_starts_no_dashboard():
-    """services.runtime.connect starts the local default cluster with include_dashboard=False (Ray's internal
+    """services.runtime.cluster.connect starts the local default cluster with include_dashboard=False (Ray's internal
     GCS/raylet ports are Ray's own, protected by its token authentication, on by default in Ray 2.60)."""
-    tree = ast.parse((ROOT / "services" / "runtime.py").read_text())
+    tree = ast.parse((ROOT / "services" / "runtime" / "cluster.py").read_text())
     inits = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and dotted(n.func) == "ray.init"
              and any(k.arg == "num_cpus" for k in n.keywords)]
     assert inits, "no embedded-cluster ray.init found"

@@ -8,7 +8,7 @@ import torch
 
 from drpo_core.config import FeaturesConfig, LoraConfig, ModelConfig
 from drpo_core.features import build_encoder
-from drpo_core.models.generator import load_generator
+from drpo_core.models.generator_factory import load_generator
 from drpo_core.models.tiny_models import tiny_pixel_encoder_path
 
 

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from services.cli import app
+from services.cli.main import app
 
 runner = CliRunner()
 TOY = "deploy/configs/toy.yaml"

@@ -64,7 +64,7 @@ def test_a_gloo_broadcast_gives_every_receiver_the_senders_buckets_and_a_lost_re
 
 def test_weight_sync_options_are_validated_once_in_one_line():
     from drpo_core.config import ConfigError, load_config
-    from services.weight_sync import sync_dtype, sync_mode
+    from services.runtime.weight_sync import sync_dtype, sync_mode
 
     with pytest.raises(ConfigError, match=r"^runtime.weight_sync: Input should be 'auto', 'object_store' or 'collective'$"):
         load_config([], ["runtime.weight_sync=nccl"])

@@ -4,7 +4,7 @@ A one-step generator has no stochastic trajectory, so the policy is a surrogate:
 prompt share a base noise (they are neighbours), and a trainable *anchor* output defines a softmax
 over the candidates by latent distance. Notation (official code → here)::
 
-    ε_i = √(1−σ²) ε_base + σ δ_i                    → :func:`neighbor_noise`
+    ε_i = √(1−σ²) ε_base + σ δ_i                    → :func:`neighbor_noise` (drpo_core.algorithms.neighbor_noise)
     x_k^old   (candidate latents, rollout)          → ``candidates``       `[K, D]` detached
     a_j = G_θ(ε_{a_j}, c)  (A anchors, with grad)   → ``current_anchors``  `[A, D]`
     a_j^old   (the same anchors at rollout)         → ``old_anchors``      `[A, D]`
@@ -19,12 +19,9 @@ import math
 
 import torch
 
+from drpo_core.algorithms.neighbor_noise import neighbor_noise
 
-def neighbor_noise(base: torch.Tensor, deltas: torch.Tensor, sigma: float) -> torch.Tensor:
-    """ε_i = √(1−σ²) ε_base + σ δ_i: ``base`` `[C, h, w]`, ``deltas`` `[K, C, h, w]` → `[K, C, h, w]` (unit variance)."""
-    if not 0 < sigma <= 1:
-        raise ValueError(f"neighbor sigma must be in (0, 1], got {sigma}")
-    return math.sqrt(1.0 - sigma**2) * base[None] + sigma * deltas
+__all__ = ["neighbor_noise", "quasi_norm_advantages", "neighbor_grpo_loss"]
 
 
 def quasi_norm_advantages(rewards: torch.Tensor, p: float = 0.8, clip: float = 5.0, scale: float = 1.0,

@@ -22,7 +22,7 @@ it scales ε by ``init_noise_sigma`` = σ_max and ``scale_model_input`` divides 
 The frozen base ``G_base`` is the same UNet with its LoRA adapter disabled (no second copy). Every
 candidate is reproducible from its seed: ε comes from a per-candidate ``torch.Generator``.
 :class:`OneStepGenerator` is the SD-Turbo family; ``generator_sdxl.SdxlOneStepGenerator`` overrides
-only loading, prompt encoding and the UNet call. :func:`load_generator` picks by ``model.kind``.
+only loading, prompt encoding and the UNet call. ``generator_factory.load_generator`` picks by ``model.kind``.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from drpo_core.models.model_arch import KIND_PIPELINE, ModelLoadError, check_arc
 from drpo_core.models.speed import LoraMerger, apply_speed_options
 from drpo_core.models.tiny_models import tiny_sd_turbo_path, tiny_sdxl_path
 
-__all__ = ["ModelLoadError", "OneStepGenerator", "load_generator", "candidate_noise", "resolve_model_path"]
+__all__ = ["ModelLoadError", "OneStepGenerator", "candidate_noise", "resolve_model_path"]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -323,12 +323,3 @@ class OneStepGenerator:
         with merge, (self.base_model() if base else contextlib.nullcontext()):
             latents = self.predict_x0(eps, emb)
         return latents, self.decode(latents)
-
-
-def load_generator(model_cfg: ModelConfig, lora_cfg: LoraConfig) -> OneStepGenerator:
-    """The generator class for ``model_cfg.kind`` (sd-turbo → OneStepGenerator, sdxl-turbo → SdxlOneStepGenerator)."""
-    if model_cfg.kind == "sdxl-turbo":
-        from drpo_core.models.generator_sdxl import SdxlOneStepGenerator
-
-        return SdxlOneStepGenerator(model_cfg, lora_cfg)
-    return OneStepGenerator(model_cfg, lora_cfg)

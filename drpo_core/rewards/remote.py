@@ -1,7 +1,7 @@
 """Black-box rewards behind a network boundary: the machinery every remote client shares.
 
 :class:`RemoteReward` holds what every remote client shares (the HTTP client in drpo_core/rewards/http.py, the gRPC client in
-``services/grpc_reward/client.py`` and the flow_grpo client in ``services/flow_grpo_reward.py``):
+``services/rewards/grpc_reward/client.py`` and the flow_grpo client in ``services/rewards/flow_grpo_client.py``):
 
 - batching by ``batch_size`` with at most ``max_concurrency`` batches in flight;
 - a per-request deadline ``timeout_s`` and at most ``max_retries`` retries, with exponential back-off, of

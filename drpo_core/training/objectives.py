@@ -3,10 +3,10 @@
 Each objective sees exactly what DrPO sees (the scored :class:`CandidateGroup` of K candidates per
 prompt, their seeds, the frozen base's latents) and returns the summed per-prompt loss of a chunk of
 prompts; :class:`drpo_core.training.learner.DrpoLearner` does the micro-batching, clipping and AdamW
-step for all of them. The math is in :mod:`drpo_core.algorithms` (one file per loss).
-
-* ``keep(group)`` → None to train on the group, or the reason it is skipped (counted as ``skipped/<reason>``).
-* ``chunk_loss(groups)`` → (Σ over the groups of the per-prompt loss, Σ of their stats).
+step for all of them. The math is in :mod:`drpo_core.algorithms` (one file per loss); what an objective
+answers (``keep``, ``chunk_loss``) is :class:`drpo_core.training.objective_base.Objective`.
+:func:`build_objective` picks the objective of a config, the dataset-anchored DrPO
+(:mod:`drpo_core.training.offline_objective`) included.
 """
 
 from __future__ import annotations
@@ -17,44 +17,12 @@ from drpo_core.algorithms.dpo import dpo_loss
 from drpo_core.algorithms.draft import draft_loss
 from drpo_core.algorithms.groups import CandidateGroup, stable_seed
 from drpo_core.algorithms.grpo import neighbor_grpo_loss, quasi_norm_advantages
-from drpo_core.algorithms.ranking import SKIP_CONSTANT, SKIP_TOO_FEW_VALID, select_anchors
+from drpo_core.algorithms.ranking import select_anchors
 from drpo_core.algorithms.raft import raft_loss
 from drpo_core.algorithms.weighted_drift import (awr_advsign_drift_loss, awr_hard_drift_loss, awr_kernel_drift_loss,
                                                  awr_topk_drift_loss)
-from drpo_core.training.sampler import group_noise
-
-
-def _add(sums: dict[str, float], stats: dict[str, float]) -> None:
-    for k, v in stats.items():
-        sums[k] = sums.get(k, 0.0) + v
-
-
-class Objective:
-    def __init__(self, generator, encoder, algo):
-        self.generator, self.encoder, self.algo = generator, encoder, algo
-        self.K = algo.num_candidates
-
-    def keep(self, group: CandidateGroup) -> str | None:
-        """Default: a full set of finite, non-constant scores among the first K."""
-        s = group.scores[: self.K] if group.scores is not None else None
-        if s is None or torch.isnan(s).any():
-            return SKIP_TOO_FEW_VALID
-        return SKIP_CONSTANT if bool((s == s[0]).all()) else None
-
-    def policy_latents(self, groups: list[CandidateGroup], index: list[torch.Tensor] | None = None) -> torch.Tensor:
-        """x = G_θ(ε_i, c) with grad for each group's first K candidates (or the ``index`` rows), `[ΣK, C, h, w]`."""
-        gen = self.generator
-        sigma = self.algo.grpo.neighbor_sigma if self.algo.kind == "grpo" else None
-        noises, prompts = [], []
-        for b, g in enumerate(groups):
-            eps = group_noise(gen, g.seeds[: self.K], sigma)
-            eps = eps if index is None else eps[index[b]]
-            noises.append(eps)
-            prompts += [g.prompt] * eps.shape[0]
-        return gen.predict_x0(torch.cat(noises), gen.encode_prompts(prompts)).float()
-
-    def chunk_loss(self, groups: list[CandidateGroup]) -> tuple[torch.Tensor, dict[str, float]]:
-        raise NotImplementedError
+from drpo_core.training.objective_base import Objective, add_stats
+from drpo_core.training.offline_objective import OfflineDrpoObjective
 
 
 class DraftObjective(Objective):
@@ -82,7 +50,7 @@ class DraftObjective(Objective):
             loss, stats = draft_loss(scores, {k: w for k, (_, w) in self.rewards.items()}, x[rows], ref,
                                      self.algo.draft.ref_l2_weight)
             total = total + loss
-            _add(sums, stats)
+            add_stats(sums, stats)
         return total, sums
 
 
@@ -108,7 +76,7 @@ class DpoObjective(_TopBottomObjective):
             loss, stats = dpo_loss(x[b * self.K:(b + 1) * self.K].flatten(1), ref, pos, neg, beta=opt.beta,
                                    reference_free=opt.reference_free, ref_l2_weight=opt.ref_l2_weight)
             total = total + loss
-            _add(sums, stats)
+            add_stats(sums, stats)
         return total, sums
 
 
@@ -121,7 +89,7 @@ class RaftObjective(_TopBottomObjective):
             ref = g.base_latents[: self.K].to(x.device).flatten(1) if g.base_latents is not None else None
             loss, stats = raft_loss(x[b * self.K:(b + 1) * self.K].flatten(1), best, ref, self.algo.raft.ref_l2_weight)
             total = total + loss
-            _add(sums, stats)
+            add_stats(sums, stats)
         return total, sums
 
 
@@ -149,7 +117,7 @@ class GrpoObjective(Objective):
                 loss = loss + opt.ref_l2_weight * l2
                 stats["grpo/ref_l2"] = float(l2.detach())
             total = total + loss
-            _add(sums, stats)
+            add_stats(sums, stats)
         return total, sums
 
 
@@ -183,17 +151,15 @@ class AwrObjective(Objective):
                     loss, stats = awr_advsign_drift_loss(gen, scores, pos_weight=algo.pos_weight,
                                                          neg_weight=algo.neg_weight, **common)
                 group_loss = group_loss + loss
-                _add(sums, {f"{k}/{key}": v for k, v in stats.items()})
+                add_stats(sums, {f"{k}/{key}": v for k, v in stats.items()})
             total = total + opt.loss_weight * group_loss
-            _add(sums, {"loss/pref": float(group_loss.detach())})
+            add_stats(sums, {"loss/pref": float(group_loss.detach())})
         return total, sums
 
 
 def build_objective(generator, encoder, algo, rewards: dict[str, tuple] | None = None) -> Objective | None:
     """The objective of ``algo.kind`` (None: the learner's built-in online DrPO path)."""
     if algo.offline.dataset:
-        from drpo_core.training.offline_objective import OfflineDrpoObjective
-
         return OfflineDrpoObjective(generator, encoder, algo)
     kind = algo.kind
     if kind == "drpo":

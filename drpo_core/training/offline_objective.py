@@ -15,7 +15,7 @@ import torch
 from drpo_core.algorithms.groups import CandidateGroup
 from drpo_core.algorithms.loss import drpo_group_loss
 from drpo_core.algorithms.ranking import select_anchors
-from drpo_core.training.objectives import Objective, _add
+from drpo_core.training.objective_base import Objective, add_stats
 from drpo_core.training.offline_anchors import distance_margin_scores, encode_images, load_images, load_preference_dataset
 
 
@@ -52,7 +52,7 @@ class OfflineDrpoObjective(Objective):
                     scores = distance_margin_scores(mine, chosen, rejected)
                     sel = select_anchors(scores[None].cpu(), M)
                     if not bool(sel.keep[0]):  # every candidate equally far: no ranking signal
-                        _add(sums, {"skipped/offline_constant_margin": 1.0})
+                        add_stats(sums, {"skipped/offline_constant_margin": 1.0})
                         continue
                     idx_pos, idx_neg = sel.pos_idx[0].to(device), sel.neg_idx[0].to(device)
                     pos = {k: v.detach()[idx_pos] for k, v in mine.items()}
@@ -65,5 +65,5 @@ class OfflineDrpoObjective(Objective):
                                           {k: v.float() for k, v in neg.items()},
                                           {k: v.float() for k, v in ref.items()} if ref else None, algo)
             total = total + loss
-            _add(sums, stats)
+            add_stats(sums, stats)
         return total, sums

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import torch
 
-from drpo_core.algorithms.grpo import neighbor_noise
 from drpo_core.algorithms.groups import CandidateGroup, stable_seed
+from drpo_core.algorithms.neighbor_noise import neighbor_noise
 from drpo_core.models.generator import OneStepGenerator
 
 

@@ -21,7 +21,7 @@ from drpo_core.training.checkpoint import latest_checkpoint, load_checkpoint, sa
 from drpo_core.config import DrpoConfig, dump_config
 from drpo_core.training.evaluation import evaluate, heldout_seeds
 from drpo_core.features import build_encoder
-from drpo_core.models.generator import load_generator
+from drpo_core.models.generator_factory import load_generator
 from drpo_core.algorithms.groups import CandidateGroup, candidate_seed
 from drpo_core.training.learner import DrpoLearner
 from drpo_core.algorithms.normalizer import RunningStats

@@ -10,7 +10,7 @@ The process group is *stateless*: a ``TCPStore`` (served by the sender) plus ``P
 ``ProcessGroupNCCL`` constructed directly, not ``init_process_group``. It therefore lives next to a
 data-parallel learner's default group, and a new group (a new epoch, after a receiver died or restarted)
 is a new object on a new store prefix, with every operation bounded by ``timeout``. Who joins and when is
-the runtime's business (services/weight_sync.py); nothing here knows about Ray.
+the runtime's business (services/runtime/weight_sync.py); nothing here knows about Ray.
 
     state {name: [shape]} ──cast(dtype)──► buckets b_1..b_m (flat, ≤ BUCKET_BYTES each) ──broadcast(src=0)──►
     receivers' buckets ──unflatten──► {name: [shape]} (dtype) ──load_state_dict──► generator
