@@ -34,6 +34,7 @@ def run_local(cfg, resume: Path | None, fail: Callable[[str], None]) -> dict:
 
     from drpo_core.training.checkpoint import CheckpointError
     from drpo_core.models.generator import ModelLoadError
+    from drpo_core.training.precision import format_precision
     from drpo_core.training.tracking import TrackerError
     from drpo_core.training.trainer import DrpoTrainer, build_rewards
     from services.progress import StepProgress
@@ -48,7 +49,8 @@ def run_local(cfg, resume: Path | None, fail: Callable[[str], None]) -> dict:
         fail(str(e))
     with StepProgress(console, cfg.trainer.steps, "DrPO", cfg.trainer.log_every) as progress:
         try:
-            result = trainer.run(on_step=progress.update, resume=resume)
+            result = trainer.run(on_step=progress.update, resume=resume,
+                                 on_start=lambda report: console.print(format_precision(report), highlight=False))
         except (CheckpointError, TrackerError) as e:
             fail(str(e))
         except (OSError, SafetensorError) as e:  # read-only or full run folder: the last checkpoint stands

@@ -18,9 +18,11 @@ from services.train_local import check_output_dir, print_run_summary
 
 def run_ray(cfg, resume: Path | None, fail: Callable[[str], None]) -> dict:
     import ray
+    import torch
 
     from drpo_core.training.checkpoint import CheckpointError
     from drpo_core.models.generator import ModelLoadError, resolve_model_path
+    from drpo_core.training.precision import format_precision, precision_report
     from drpo_core.training.tracking import TrackerError
     from services.controller import Controller
     from services.metrics import MetricsExporter
@@ -56,6 +58,8 @@ def run_ray(cfg, resume: Path | None, fail: Callable[[str], None]) -> dict:
                       f"max_staleness {rt.max_staleness}; cluster {have.get('CPU', 0):g} CPU, {have.get('GPU', 0):g} GPU, "
                       f"{len([n for n in ray.nodes() if n.get('Alive')])} node(s)")
         console.print("devices: " + ", ".join(f"{k.split('/', 1)[1]} ×{v:g}" for k, v in runtime.placement().items()))
+        learner_device = torch.device("cuda" if rt.learner.num_gpus > 0 else "cpu")  # the device the roles' precision is for
+        console.print(format_precision(precision_report(cfg, learner_device)), highlight=False)
         controller = Controller(cfg, runtime, out, exporter)
         with StepProgress(console, cfg.trainer.steps, "DrPO·ray", cfg.trainer.log_every) as progress:
             try:

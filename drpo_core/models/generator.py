@@ -302,9 +302,14 @@ class OneStepGenerator:
             raise ModelLoadError(f"unsupported prediction_type {self.prediction_type!r}")
         return x0.to(noise.dtype)  # policy (fp32 master UNet) and base latents share one dtype
 
+    def vae_precision(self):
+        """Context of the VAE decode: the enclosing precision (SDXL overrides it: fp32 under fp16)."""
+        return contextlib.nullcontext()
+
     def vae_decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Differentiable VAE decode to images in [0, 1], `[N, 4, h, w] -> [N, 3, H, W]` (fp32)."""
-        images = self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
+        with self.vae_precision():
+            images = self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
         return (images.float() / 2 + 0.5).clamp(0, 1)
 
     @torch.no_grad()
