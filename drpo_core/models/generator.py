@@ -37,6 +37,7 @@ from drpo_core.config import LoraConfig, ModelConfig
 from drpo_core.models.model_arch import KIND_PIPELINE, ModelLoadError, check_architecture
 from drpo_core.models.speed import LoraMerger, apply_speed_options
 from drpo_core.models.tiny_models import tiny_sd_turbo_path, tiny_sdxl_path
+from drpo_core.training.precision import autocast_off
 
 __all__ = ["ModelLoadError", "OneStepGenerator", "load_generator", "candidate_noise", "resolve_model_path"]
 
@@ -224,7 +225,8 @@ class OneStepGenerator:
         missing = [p for p in dict.fromkeys(prompts) if p not in self._prompt_cache]
         if missing:
             ids = tokenize_prompts(self.tokenizer, missing).input_ids.to(self.device)
-            hidden = self.text_encoder(ids)[0]
+            with autocast_off():  # in model.dtype: the cache must not depend on which role's autocast encoded a prompt first
+                hidden = self.text_encoder(ids)[0]
             for p, h in zip(missing, hidden):
                 self._prompt_cache[p] = h
         return torch.stack([self._prompt_cache[p] for p in prompts])

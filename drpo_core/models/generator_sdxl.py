@@ -81,7 +81,8 @@ class SdxlOneStepGenerator(OneStepGenerator):
         if missing:
             states = []
             for tokenizer, encoder in ((self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2)):
-                out = encoder(tokenize_prompts(tokenizer, missing).input_ids.to(self.device), output_hidden_states=True)
+                with autocast_off():  # in model.dtype, whatever role's autocast asks first (the cache is shared)
+                    out = encoder(tokenize_prompts(tokenizer, missing).input_ids.to(self.device), output_hidden_states=True)
                 states.append(out.hidden_states[-2])
             hidden, pooled = torch.cat(states, dim=-1), out.text_embeds  # `out` is text_encoder_2's
             for p, h, e in zip(missing, hidden, pooled):
