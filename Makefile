@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 RUN_DIR ?= runs/demo-$(shell date +%Y%m%d-%H%M%S)
 
-.PHONY: demo demo-local demo-toy demo-hue test install sysdeps clean protos smoke-real
+.PHONY: demo demo-local demo-toy demo-hue test install sysdeps clean protos smoke-real gpu-check
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -66,6 +66,12 @@ test: install
 # offline once into ~/.cache/drpo/smoke-real), on CPU; prints time and peak RSS per stage (docs/models.md).
 smoke-real: install
 	OMP_NUM_THREADS=2 $(PY) benchmarks/smoke_real.py
+
+# Every figure that needs a GPU, in one run on one 80 GB GPU (under 8 minutes): the SD-Turbo preset's update per
+# micro-batch, candidates/s, DrPO vs DRaFT at matched batch, weight publish; one JSON report in $OUT (default
+# runs/gpu-check). On the lent GPU machine (no venv, no network) run the command of docs/models.md "GPU check".
+gpu-check: install
+	$(PY) benchmarks/gpu_check.py --out $${OUT:-runs/gpu-check}
 
 # Regenerate the committed gRPC stubs of the reward service (same command as in the .proto header).
 protos: $(STAMP)

@@ -258,6 +258,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--pipeline", action="store_true", help="also time the trainer's actor-learner path")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--model-path", default=None, help="an SD-Turbo-architecture pipeline folder already built "
+                        "(benchmarks/gpu_check.py passes its own); default: build the real one / the tiny model")
     args = parser.parse_args(argv)
     real = args.size == "real"
     args.rewards = args.rewards or (["vit-h-14", "llama-1.8b", "llama-3.5b", "llama-7b"] if real else ["vit-tiny", "llama-tiny", "llama-cpu-s", "llama-cpu-m"])
@@ -269,7 +271,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         torch.set_num_threads(1)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        if real:
+        if args.model_path:
+            path = args.model_path
+        elif real:
             from benchmarks.gpu_model_costs import build_real
 
             path = str(build_real("sd-turbo", Path(tmp) / "sd-turbo", args.device,

@@ -104,7 +104,7 @@ def training_stats(step: int, scores: dict[str, torch.Tensor], client_stats: dic
         "pool/generator/replicas": 4.0, "pool/reward/replicas": 2.0 - (step % 5 == 0),
         "pool/generator/restarts": float(step // 7), "pool/reward/restarts": float(step // 4),
         "pool/generator/timeouts": float(step // 9), "pool/reward/timeouts": float(step // 5),
-        "placement/generator/cuda:0/float16": 4.0, "placement/reward/cuda:0/float32": 2.0,
+        "placement/generator/cuda:0/float16+fp16": 4.0, "placement/reward/cuda:0/float32": 2.0,
         "placement/learner/cuda:0/float16+fp16": 1.0,
     })
     return stats

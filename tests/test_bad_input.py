@@ -242,3 +242,21 @@ def test_an_unwritable_checkpoint_folder_stops_the_run_in_one_line_and_keeps_wha
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert lines[-1].startswith(f"drpo: error: cannot write to the run folder {out}") and "Traceback" not in proc.stderr
     assert (out / "metrics.jsonl").read_text().count('"step": 1') == 1
+
+
+def test_feature_keys_that_the_latent_size_cannot_give_are_refused_at_start_in_one_line(tmp_path):
+    """The official latent-MAE (4 stages) on the tiny model's 8x8 latents: layer4 is 1x1, so the recipe's 2x2 / 4x4
+    patch keys do not exist. Refused while building, before any step (it used to die in the first update with a
+    60-line traceback)."""
+    from drpo_core.features.latent_mae import random_official_state
+
+    mae = tmp_path / "mae_latent_256_torch.pth"  # the official layout: state_dict + metadata.model_config
+    torch.save({"state_dict": random_official_state(4, 8, [3, 4, 6, 3], seed=0, flax=True),
+                "metadata": {"model_config": {"layers": [3, 4, 6, 3], "in_channels": 4}}}, mae)
+    out = tmp_path / "run"
+    proc = drpo("train", "--local", "--config", "deploy/configs/tiny.yaml", "--set", "features.kind=latent_mae",
+                "--set", f"features.checkpoint={mae}", "--set", "trainer.steps=1", "--output-dir", str(out))
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
+    assert lines[0].startswith("drpo: error: features.keys: 'layer4_mean_2' is not defined for (8, 8) latents: layer4 maps are 1x1")
+    assert "set features.keys" in lines[0] and not (out / "metrics.jsonl").exists()

@@ -26,6 +26,8 @@ from typing import Literal
 
 import torch
 
+from drpo_core.training.precision import full_precision
+
 Kernel = Literal["laplacian", "rbf", "cosine"]
 FieldForm = Literal["mean_shift", "kernel_gradient"]
 
@@ -63,6 +65,7 @@ def _logits(dist: torch.Tensor, gen_bar: torch.Tensor, targets: torch.Tensor, sc
     raise ValueError(f"unknown kernel {kernel!r}; expected laplacian, rbf or cosine")
 
 
+@full_precision  # autocast off: a bf16 matmul in ‖a‖² + ‖b‖² − 2a·b erases the distances between nearby features
 @torch.no_grad()
 def drift_field(
     gen: torch.Tensor,
@@ -180,6 +183,7 @@ def _logit_gradient_coefficient(dist_scaled: torch.Tensor, kernel: Kernel, tau: 
     raise ValueError("field_form='kernel_gradient' supports the laplacian and rbf kernels")
 
 
+@full_precision
 def drift_loss(gen: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, **field_kwargs) -> tuple[torch.Tensor, dict[str, float]]:
     """Regression of scaled features onto the detached drifted target (DrPO Eq. L_DrPO).
 

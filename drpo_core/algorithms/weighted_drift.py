@@ -28,6 +28,7 @@ import math
 import torch
 
 from drpo_core.algorithms.drift import Kernel, _logits, drift_field
+from drpo_core.training.precision import full_precision
 
 _RMS_FLOOR = 1e-8  # the official code clamps the squared RMS at 1e-8
 
@@ -70,6 +71,7 @@ def _kernel_scale(x: torch.Tensor, r: torch.Tensor) -> tuple[torch.Tensor, torch
     return s, (s / math.sqrt(x.shape[1])).clamp_min(1e-3)
 
 
+@full_precision  # the drifts are computed in fp32 whatever the autocast (drift.py)
 def awr_kernel_drift_loss(gen, ref, scores, *, alpha: float = 1.0, radii=(0.02, 0.05, 0.2), kernel: Kernel = "laplacian",
                           logit_clip: float = 20.0) -> tuple[torch.Tensor, dict[str, float]]:
     """``drpo-awr``. Steps:
@@ -104,6 +106,7 @@ def _top_bottom(scores: torch.Tensor, fraction: float) -> tuple[torch.Tensor, to
     return order[:n], order.flip(0)[:n]
 
 
+@full_precision
 def awr_topk_drift_loss(gen, ref, scores, *, alpha: float = 1.0, radii=(0.02, 0.05, 0.2), kernel: Kernel = "laplacian",
                         logit_clip: float = 20.0, top_fraction: float = 0.5, force_scale: float = 1.0):
     """``drpo-awr-topk``. Steps:
@@ -134,6 +137,7 @@ def awr_topk_drift_loss(gen, ref, scores, *, alpha: float = 1.0, radii=(0.02, 0.
     return _regress(gen, force, sigma), {"awr/top_count": float(top.numel()), "scale": float(scale)}
 
 
+@full_precision
 def awr_hard_drift_loss(gen, scores, *, alpha: float = 1.0, pos_weight: float = 3000.0, neg_weight: float = 3000.0,
                         radii=(0.02, 0.05, 0.2), kernel: Kernel = "laplacian", logit_clip: float = 20.0,
                         top_fraction: float = 0.5):
@@ -154,6 +158,7 @@ def awr_hard_drift_loss(gen, scores, *, alpha: float = 1.0, pos_weight: float = 
     return _regress(gen, field.V, field.sigma), {"awr/hard_anchors": float(top.numel()), "scale": float(field.scale)}
 
 
+@full_precision
 def awr_advsign_drift_loss(gen, scores, *, alpha: float = 1.0, pos_weight: float = 3000.0, neg_weight: float = 3000.0,
                            radii=(0.02, 0.05, 0.2), kernel: Kernel = "laplacian", logit_clip: float = 20.0):
     """``drpo-awr-advsign``. Steps:

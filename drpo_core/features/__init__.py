@@ -8,11 +8,13 @@ from drpo_core.features.common import FeatureEncoder
 from drpo_core.features.latent import LatentResNetEncoder
 
 
-def build_encoder(cfg, in_channels: int, device: torch.device, generator=None) -> FeatureEncoder:
+def build_encoder(cfg, in_channels: int, device: torch.device, generator=None,
+                  latent_size: tuple[int, int] | None = None) -> FeatureEncoder:
     """The frozen φ named by a :class:`drpo_core.config.FeaturesConfig`.
 
     ``unet_hidden`` (the generator's own UNet, adapter disabled) and ``dinov2`` / ``vit_mae`` (VAE
     decode inside the gradient path) need ``generator``; ``latent_resnet`` needs only the latent channels.
+    ``latent_mae`` keys are checked against the latents' spatial size (``latent_size``, else the generator's).
     """
     if cfg.kind == "latent_resnet":
         kwargs = dict(in_channels=in_channels, width=cfg.width, stage_blocks=tuple(cfg.stage_blocks),
@@ -30,7 +32,11 @@ def build_encoder(cfg, in_channels: int, device: torch.device, generator=None) -
     if cfg.kind == "latent_mae":
         from drpo_core.features.latent_mae import build_latent_mae
 
-        return build_latent_mae(cfg, in_channels).to(device)
+        encoder = build_latent_mae(cfg, in_channels)
+        size = latent_size or (tuple(generator.latent_shape[1:]) if generator is not None else None)
+        if size is not None:
+            encoder.check_latent_size(*size)
+        return encoder.to(device)
     if generator is None:
         raise ValueError(f"features.kind {cfg.kind!r} runs on the generator's own modules; pass generator=")
     if cfg.kind == "random_pixel":

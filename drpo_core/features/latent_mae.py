@@ -210,6 +210,7 @@ class LatentMAEEncoder(nn.Module):
             self.register_buffer(self._names[key], value, persistent=False)
         last = f"layer{len(layers)}"
         self.keys = list(keys) if keys else [f"{last}_{suffix}" for suffix in RECIPE_KEYS]
+        self.default_keys = not keys
         unknown = [k for k in self.keys if k not in self.available_keys()]
         if unknown:
             raise ValueError(f"features.keys: {unknown[0]!r} is not a latent-MAE key; available: {', '.join(self.available_keys())}")
@@ -232,6 +233,37 @@ class LatentMAEEncoder(nn.Module):
         for name in self.map_names():
             keys += [f"{name}_mean", f"{name}_std"] + [f"{name}_{m}_{p}" for p in self.patch_sizes for m in ("mean", "std")]
         return keys
+
+    def map_sizes(self, h: int, w: int) -> dict[str, tuple[int, int]]:
+        """Spatial size of each named map for `[h, w]` latents: a stride-2 block (3×3, padding 1; or the 1×1
+        shortcut) maps a side n to ⌈n/2⌉."""
+        sizes, size = {"conv1": (h, w)}, (h, w)
+        for s, n_blocks in enumerate(self.layers):
+            for b in range(n_blocks):
+                if s > 0 and b == 0:
+                    size = (-(-size[0] // 2), -(-size[1] // 2))
+                if self.block_stride and (b + 1) % self.block_stride == 0 and b + 1 < n_blocks:
+                    sizes[f"layer{s + 1}_blk{b + 1}"] = size
+            sizes[f"layer{s + 1}"] = size
+        return sizes
+
+    def check_latent_size(self, h: int, w: int) -> None:
+        """One ValueError line, at build time, for a key that `[h, w]` latents cannot give (a p×p patch key needs
+        its map's sides divisible by p): otherwise the first update would fail deep inside the learner."""
+        sizes = self.map_sizes(h, w)
+        defined = {"norm_x"} | {f"{n}_{m}" for n in sizes for m in ("mean", "std")}
+        defined |= {f"{n}_{m}_{p}" for n, (H, W) in sizes.items() for p in self.patch_sizes if not (H % p or W % p)
+                    for m in ("mean", "std")}
+        for key in self.keys:
+            if key not in defined:
+                name = next(n for n in sorted(sizes, key=len, reverse=True) if key.startswith(n + "_"))
+                H, W = sizes[name]
+                usable = [k for k in self.keys if k in defined] or [f"{name}_mean", f"{name}_std"]
+                p = key.rsplit("_", 1)[-1]
+                default = " (the default keys: the SD-Turbo recipe's, for 64x64 latents)" if self.default_keys else ""
+                raise ValueError(f"features.keys: {key!r} is not defined for {(h, w)} latents: {name} maps are {H}x{W}, "
+                                 f"not divisible into {p}x{p} patches{default}; set features.keys, e.g. {usable}, "
+                                 "or raise model.resolution")
 
     def _gn(self, x: torch.Tensor, prefix: str) -> torch.Tensor:
         return F.group_norm(x, gn_groups(x.shape[1]), self._p(f"{prefix}.scale"), self._p(f"{prefix}.bias"), eps=1e-5)

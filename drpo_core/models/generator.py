@@ -37,6 +37,7 @@ from drpo_core.config import LoraConfig, ModelConfig
 from drpo_core.models.model_arch import KIND_PIPELINE, ModelLoadError, check_architecture
 from drpo_core.models.speed import LoraMerger, apply_speed_options
 from drpo_core.models.tiny_models import tiny_sd_turbo_path, tiny_sdxl_path
+from drpo_core.training.precision import autocast_off
 
 __all__ = ["ModelLoadError", "OneStepGenerator", "candidate_noise", "resolve_model_path"]
 
@@ -224,7 +225,8 @@ class OneStepGenerator:
         missing = [p for p in dict.fromkeys(prompts) if p not in self._prompt_cache]
         if missing:
             ids = tokenize_prompts(self.tokenizer, missing).input_ids.to(self.device)
-            hidden = self.text_encoder(ids)[0]
+            with autocast_off():  # in model.dtype: the cache must not depend on which role's autocast encoded a prompt first
+                hidden = self.text_encoder(ids)[0]
             for p, h in zip(missing, hidden):
                 self._prompt_cache[p] = h
         return torch.stack([self._prompt_cache[p] for p in prompts])
@@ -302,9 +304,14 @@ class OneStepGenerator:
             raise ModelLoadError(f"unsupported prediction_type {self.prediction_type!r}")
         return x0.to(noise.dtype)  # policy (fp32 master UNet) and base latents share one dtype
 
+    def vae_precision(self):
+        """Context of the VAE decode: the enclosing precision (SDXL overrides it: fp32 under fp16)."""
+        return contextlib.nullcontext()
+
     def vae_decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Differentiable VAE decode to images in [0, 1], `[N, 4, h, w] -> [N, 3, H, W]` (fp32)."""
-        images = self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
+        with self.vae_precision():
+            images = self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
         return (images.float() / 2 + 0.5).clamp(0, 1)
 
     @torch.no_grad()

@@ -6,18 +6,22 @@ What differs from SD-Turbo (as ``StableDiffusionXLPipeline`` computes it, guidan
   penultimate hidden states, concatenated on the channel axis → ``encoder_hidden_states`` `[B, 77, E₁+E₂]`;
 - the second encoder's projected pooled output ``text_embeds`` `[B, P]`;
 - six added time ids per image: original size (H, W), crop top-left (0, 0), target size (H, W);
-- SDXL's VAE overflows in fp16, so it is kept in fp32 when the model runs in fp16 (``force_upcast``).
+- SDXL's VAE overflows in fp16, so it is kept in fp32 when the model runs in fp16 (``force_upcast``): its
+  weights are upcast at load for ``model.dtype: float16``, and its decode runs with autocast off under an
+  fp16 autocast (``trainer.mixed_precision: fp16``); bf16 has fp32's range and keeps the VAE in bf16.
 
 The one UNet step at t=999 and the x0 conversion are the parent's.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
 
 from drpo_core.models.generator import OneStepGenerator, tokenize_prompts
+from drpo_core.training.precision import autocast_dtype, autocast_off
 
 
 @dataclass(frozen=True)
@@ -64,6 +68,12 @@ class SdxlOneStepGenerator(OneStepGenerator):
     def frozen_modules(self) -> list[torch.nn.Module]:
         return [self.text_encoder, self.text_encoder_2, self.vae, self.unet]
 
+    def vae_precision(self):
+        """fp32 decode under an fp16 autocast when the VAE asks for it (``force_upcast``, as StableDiffusionXLPipeline)."""
+        if self.vae.config.get("force_upcast", False) and autocast_dtype() == torch.float16:
+            return autocast_off()
+        return contextlib.nullcontext()
+
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> SdxlCondition:
         """Both encoders' penultimate states, pooled embeds and time ids, cached per prompt (frozen encoders)."""
@@ -71,7 +81,8 @@ class SdxlOneStepGenerator(OneStepGenerator):
         if missing:
             states = []
             for tokenizer, encoder in ((self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2)):
-                out = encoder(tokenize_prompts(tokenizer, missing).input_ids.to(self.device), output_hidden_states=True)
+                with autocast_off():  # in model.dtype, whatever role's autocast asks first (the cache is shared)
+                    out = encoder(tokenize_prompts(tokenizer, missing).input_ids.to(self.device), output_hidden_states=True)
                 states.append(out.hidden_states[-2])
             hidden, pooled = torch.cat(states, dim=-1), out.text_embeds  # `out` is text_encoder_2's
             for p, h, e in zip(missing, hidden, pooled):

@@ -21,14 +21,7 @@ from drpo_core.algorithms.ranking import select_anchors
 from drpo_core.training import data_parallel
 from drpo_core.training.ema import TrainableEMA
 from drpo_core.training.objectives import build_objective
-
-
-def autocast_context(device: torch.device, mixed_precision: str):
-    """bf16/fp16 autocast on GPU; fp32 on CPU (CPU autocast is slower than fp32 for these convs)."""
-    if device.type != "cuda" or mixed_precision == "no":
-        return contextlib.nullcontext()
-    dtype = torch.float16 if mixed_precision == "fp16" else torch.bfloat16
-    return torch.autocast("cuda", dtype=dtype)
+from drpo_core.training.precision import autocast_context, needs_grad_scaler  # noqa: F401 (autocast_context re-exported)
 
 
 def _phi(encoder: FeatureEncoder, latents: torch.Tensor, prompts: list[str]):
@@ -58,9 +51,9 @@ class DrpoLearner:
                                            weight_decay=trainer.weight_decay)
         warmup = trainer.warmup_steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
-        # fp16 autocast needs loss scaling against gradient underflow; a no-op otherwise
-        fp16 = generator.device.type == "cuda" and trainer.mixed_precision == "fp16"
-        self.scaler = torch.amp.GradScaler("cuda", enabled=fp16)
+        # fp16 autocast needs loss scaling against gradient underflow (CPU too); a no-op otherwise
+        self.scaler = torch.amp.GradScaler(generator.device.type,
+                                           enabled=needs_grad_scaler(generator.device, trainer.mixed_precision))
         self.version = 0  # number of optimizer updates applied
         self.objective = build_objective(generator, encoder, algo, rewards)
         # θ_ema for evaluation and export; the candidates keep coming from θ (on-policy)
@@ -131,16 +124,21 @@ class DrpoLearner:
         # clip, AdamW (every worker steps the same gradient from the same state)
         self.scaler.unscale_(self.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.generator.trainable_parameters(), self.trainer_cfg.grad_clip)
-        self.scaler.step(self.optimizer)
+        scale = self.scaler.get_scale() if self.scaler.is_enabled() else 1.0
+        self.scaler.step(self.optimizer)  # fp16: skipped when a gradient overflowed, and the scale halves
         self.scaler.update()
-        self.scheduler.step()
+        skipped = self.scaler.is_enabled() and self.scaler.get_scale() < scale
+        self.scheduler.step()  # the schedule follows the step count (version), applied or skipped
         if self.ema is not None:
             self.ema.step()
         self.version += 1
         stats.update(sums)
         stats.update({"loss": total, "update/policy_lag": lag / n})
         stats = data_parallel.sum_stats(stats)  # additive statistics of all workers' shares
-        stats.update({"update/applied": 1.0, "update/grad_norm": float(grad_norm), "update/lr": self.scheduler.get_last_lr()[0]})
+        stats.update({"update/applied": 0.0 if skipped else 1.0, "update/grad_norm": float(grad_norm),
+                      "update/lr": self.scheduler.get_last_lr()[0]})
+        if self.scaler.is_enabled():  # fp16 only: the loss scale, and 1 for a step skipped on a non-finite gradient
+            stats.update({"update/loss_scale": self.scaler.get_scale(), "update/skipped_nonfinite": float(skipped)})
         return stats
 
     def _objective_update(self, groups: list[CandidateGroup]) -> dict[str, float]:
@@ -193,20 +191,22 @@ class DrpoLearner:
             offsets.append(offsets[-1] + len(r))
         gen = self.generator
         device = gen.device
+        # φ of the policy, the anchors and the base under ONE precision: at θ = θ_base a candidate and its base
+        # twin must get identical features, or the reference drift sees a rounding difference as a force
         with autocast_context(device, self.trainer_cfg.mixed_precision):
             # DrPO line 4 (with grad): x_i = G_θ(ε_i, c) on the candidates' own noises
             seeds = [g.seeds[i] for g, r in zip(kept, regress) for i in r.tolist()]
             prompts = [g.prompt for g, r in zip(kept, regress) for _ in range(len(r))]
             x = gen.predict_x0(gen.noise(seeds), gen.encode_prompts(prompts))
             gen_feats = _phi(self.encoder, x, prompts)  # key -> [B·K, L, D]
-        with torch.no_grad():
-            anchor_feats = self._anchor_features(kept, anchors, regress, offsets, gen_feats)  # [B·2M, L, D]
-            use_ref = self.algo.lambda_ref > 0 or self.algo.feature_l2_weight > 0
-            base_latents = (torch.cat([self._base_latents(g, r).to(device) for g, r in zip(kept, regress)])
-                            if self.algo.needs_base else None)
-            ref_feats = _phi(self.encoder, base_latents, prompts) if use_ref else None
+            with torch.no_grad():
+                anchor_feats = self._anchor_features(kept, anchors, regress, offsets, gen_feats)  # [B·2M, L, D]
+                use_ref = self.algo.lambda_ref > 0 or self.algo.feature_l2_weight > 0
+                base_latents = (torch.cat([self._base_latents(g, r).to(device) for g, r in zip(kept, regress)])
+                                if self.algo.needs_base else None)
+                ref_feats = _phi(self.encoder, base_latents, prompts) if use_ref else None
 
-        # DrPO lines 8–13: per-prompt drift targets and regression
+        # DrPO lines 8–13: per-prompt drift targets and regression, in fp32 (outside autocast, fp32 features)
         total = torch.zeros((), device=device)
         sums: dict[str, float] = {}
         for b in range(len(kept)):
@@ -252,10 +252,9 @@ class DrpoLearner:
             if all(i in row for i in idx.tolist()):  # the learner's own forward already holds them
                 rows = torch.tensor([row[i] for i in idx.tolist()], device=gen.device)
                 parts[b] = {k: v[rows].detach() for k, v in gen_feats.items()}
-            else:  # an anchor that is not regressed (binary pools): G_θ(ε_j, c) without grad
-                with autocast_context(gen.device, self.trainer_cfg.mixed_precision):
-                    now = gen.predict_x0(gen.noise([g.seeds[i] for i in idx.tolist()]), gen.encode_prompts([g.prompt] * len(idx)))
-                    parts[b] = _phi(self.encoder, now, [g.prompt] * len(idx))
+            else:  # an anchor that is not regressed (binary pools): G_θ(ε_j, c) without grad (the caller's precision)
+                now = gen.predict_x0(gen.noise([g.seeds[i] for i in idx.tolist()]), gen.encode_prompts([g.prompt] * len(idx)))
+                parts[b] = _phi(self.encoder, now, [g.prompt] * len(idx))
         return {k: torch.cat([part[k] for part in parts]) for k in parts[0]}
 
     # -- state ------------------------------------------------------------------------------------

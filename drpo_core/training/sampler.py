@@ -9,6 +9,7 @@ import torch
 from drpo_core.algorithms.groups import CandidateGroup, stable_seed
 from drpo_core.algorithms.neighbor_noise import neighbor_noise
 from drpo_core.models.generator import OneStepGenerator
+from drpo_core.training.precision import autocast_context
 
 
 def group_noise(generator: OneStepGenerator, seeds: list[int], neighbor_sigma: float | None = None) -> torch.Tensor:
@@ -46,33 +47,39 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
 class CandidateSampler:
     """Plain worker class: the generator side of DrPO. Runs as-is locally or inside a Ray actor."""
 
-    def __init__(self, generator: OneStepGenerator, with_base: bool, neighbor_sigma: float | None = None):
+    def __init__(self, generator: OneStepGenerator, with_base: bool, neighbor_sigma: float | None = None,
+                 mixed_precision: str = "no"):
         self.generator, self.with_base, self.neighbor_sigma = generator, with_base, neighbor_sigma
+        self.mixed_precision = mixed_precision  # trainer.mixed_precision: candidates in the learner's precision
         self.version = 0
 
     @classmethod
-    def for_algo(cls, generator: OneStepGenerator, algo) -> "CandidateSampler":
+    def for_algo(cls, generator: OneStepGenerator, algo, mixed_precision: str = "no") -> "CandidateSampler":
         """The sampler an objective needs: base latents when it reads them, neighbour noises for GRPO."""
         return cls(generator, with_base=needs_base_latents(algo),
-                   neighbor_sigma=algo.grpo.neighbor_sigma if algo.kind == "grpo" else None)
+                   neighbor_sigma=algo.grpo.neighbor_sigma if algo.kind == "grpo" else None, mixed_precision=mixed_precision)
+
+    def _autocast(self):
+        return autocast_context(self.generator.device, self.mixed_precision)
 
     def _noise(self, seeds: list[int]) -> torch.Tensor | None:
         return group_noise(self.generator, seeds, self.neighbor_sigma) if self.neighbor_sigma is not None else None
 
-    def _generate(self, prompt: str, seeds: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.generator.generate([prompt] * len(seeds), seeds, noise=self._noise(seeds))
+    def _generate(self, prompts: list[str], seeds: list[int], noise: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        with self._autocast():
+            return self.generator.generate(prompts, seeds, noise=noise)
 
     @torch.no_grad()
     def _base_latents(self, prompts: list[str], seeds: list[int], noise: torch.Tensor | None) -> torch.Tensor:
         """G_base(ε_i, c) without decoding: the base's images are never scored, so no VAE decode is spent on them."""
         gen = self.generator
         noise = gen.noise(seeds) if noise is None else noise
-        with gen.base_model():
+        with gen.base_model(), self._autocast():
             return gen.predict_x0(noise, gen.encode_prompts(prompts))
 
     def sample(self, group_id: str, prompt: str, seeds: list[int], metadata: dict | None = None) -> CandidateGroup:
         noise = self._noise(seeds)
-        latents, images = self.generator.generate([prompt] * len(seeds), seeds, noise=noise)
+        latents, images = self._generate([prompt] * len(seeds), seeds, noise)
         base = self._base_latents([prompt] * len(seeds), seeds, noise) if self.with_base else None
         return CandidateGroup(group_id=group_id, prompt=prompt, seeds=list(seeds), latents=latents.float(),
                               images=to_uint8(images), version=self.version,
@@ -84,7 +91,7 @@ class CandidateSampler:
         prompts = [prompt for _, prompt, seeds, _ in requests for _ in seeds]
         seeds = [s for _, _, group_seeds, _ in requests for s in group_seeds]
         noise = None if self.neighbor_sigma is None else torch.cat([self._noise(list(s)) for _, _, s, _ in requests])
-        latents, images = self.generator.generate(prompts, seeds, noise=noise)
+        latents, images = self._generate(prompts, seeds, noise)
         base = self._base_latents(prompts, seeds, noise) if self.with_base else None
         sizes = [len(group_seeds) for _, _, group_seeds, _ in requests]
         parts = zip(latents.float().split(sizes), to_uint8(images).split(sizes),
@@ -95,7 +102,7 @@ class CandidateSampler:
 
     def extend(self, group: CandidateGroup, seeds: list[int]) -> CandidateGroup:
         """Another sampling round for the same prompt (binary rewards); base latents stay those of the first K."""
-        latents, images = self._generate(group.prompt, seeds)
+        latents, images = self._generate([group.prompt] * len(seeds), seeds, self._noise(seeds))
         group.seeds = group.seeds + list(seeds)
         group.latents = torch.cat([group.latents, latents.float().to(group.latents.device)])
         group.images = torch.cat([group.images, to_uint8(images)])

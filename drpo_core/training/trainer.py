@@ -25,6 +25,7 @@ from drpo_core.models.generator_factory import load_generator
 from drpo_core.algorithms.groups import CandidateGroup, candidate_seed
 from drpo_core.training.learner import DrpoLearner
 from drpo_core.algorithms.normalizer import RunningStats
+from drpo_core.training.precision import precision_report, reward_at_run_precision
 from drpo_core.training.prompts import PromptSampler, heldout_prompts, prompt_metadata, training_prompts
 from drpo_core.algorithms.ranking import SKIP_TOO_FEW_NEGATIVES, SKIP_TOO_FEW_POSITIVES, select_anchors
 from drpo_core.training.grids import save_before_after, save_grid
@@ -37,7 +38,8 @@ from drpo_core.training.scoring import RewardScorer
 
 
 def build_rewards(cfg: DrpoConfig, builder: Callable = build_reward) -> dict[str, tuple]:
-    return {r.label: (builder(r), r.weight) for r in cfg.rewards}
+    """label → (reward fn, weight); model rewards score in the run's half precision when it asks for one."""
+    return {r.label: (builder(reward_at_run_precision(r, cfg.trainer.mixed_precision)), r.weight) for r in cfg.rewards}
 
 
 def group_stats(groups: list[CandidateGroup], history: dict[str, RunningStats] | None = None,
@@ -85,7 +87,8 @@ class DrpoTrainer:
         torch.manual_seed(cfg.trainer.seed)
         self.generator = load_generator(cfg.model, cfg.lora)
         self.encoder = build_encoder(cfg.features, self.generator.latent_shape[0], self.generator.device, generator=self.generator)
-        self.sampler = CandidateSampler.for_algo(self.generator, cfg.algo)
+        self.sampler = CandidateSampler.for_algo(self.generator, cfg.algo, cfg.trainer.mixed_precision)
+        self.precision = precision_report(cfg, self.generator.device)  # per role; printed at start
         self.scorer = RewardScorer(rewards or build_rewards(cfg), binary=cfg.algo.binary_threshold is not None,
                                    shuffle_seed=cfg.trainer.seed if cfg.algo.shuffle_rewards else None)
         # DRaFT differentiates the rewards in the learner: it builds its own (the in-process, differentiable kinds)
@@ -191,15 +194,17 @@ class DrpoTrainer:
             return evaluate(self.generator, fn, prompts, heldout_seeds(seeds), group_of=getattr(fn, "color_of", None))
 
     def run(self, on_step: Callable[[dict], None] | None = None, resume: Path | None = None,
-            stop: GracefulStop | None = None) -> dict:
+            stop: GracefulStop | None = None, on_start: Callable[[dict[str, str]], None] | None = None) -> dict:
         """The whole job: resume if asked, train ``trainer.steps`` steps, write every output.
 
-        With ``stop`` (SIGTERM/SIGINT caught), a requested stop checkpoints the last finished step and raises
-        :class:`StopRequested`."""
+        ``on_start`` gets the per-role precision (:attr:`precision`) once the run is sure to start. With ``stop``
+        (SIGTERM/SIGINT caught), a requested stop checkpoints the last finished step and raises :class:`StopRequested`."""
         out, tc = self.output_dir, self.cfg.trainer
         out.mkdir(parents=True, exist_ok=True)
         if resume is not None:  # restore first: a checkpoint that does not fit must leave the run folder untouched
             self.resume(latest_checkpoint(resume) or Path(resume))  # a run folder or one checkpoint folder
+        if on_start:
+            on_start(self.precision)
         (out / "config.yaml").write_text(dump_config(self.cfg))
         tracker = RunTracker(out, self.cfg, start_step=self.step, resuming=resume is not None)  # metrics.jsonl + TensorBoard/W&B
         try:

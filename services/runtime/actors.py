@@ -25,6 +25,7 @@ from drpo_core.algorithms.normalizer import RunningStats
 from drpo_core.rewards.budget import CallBudget
 from services.rewards.clients import build_reward  # grpc / flow_grpo clients live in services
 from drpo_core.training import data_parallel
+from drpo_core.training.precision import resolve_precision, reward_at_run_precision
 from drpo_core.training.sampler import CandidateSampler
 from drpo_core.training.scoring import RewardScorer
 from drpo_core.training.trainer import DrpoTrainer, build_rewards
@@ -122,6 +123,12 @@ def device_report(device: torch.device, dtype: str) -> dict:
     return report
 
 
+def _compute_dtype(cfg, device: torch.device) -> str:
+    """``model.dtype``, with ``+bf16`` / ``+fp16`` when the role autocasts (trainer.mixed_precision on this device)."""
+    precision = resolve_precision(device, cfg.trainer.mixed_precision)
+    return cfg.model.dtype if precision == "fp32" else f"{cfg.model.dtype}+{precision}"
+
+
 def _pull(handle: WeightsHandle, timeout_s: float) -> dict[str, torch.Tensor]:
     import ray
 
@@ -136,11 +143,11 @@ class GeneratorActor:
         cfg = _config(cfg_json)
         check_gpu("generator", cfg.runtime.generator.num_gpus)
         self.pull_timeout_s = cfg.runtime.request_timeout_s
-        self.sampler = CandidateSampler.for_algo(load_generator(cfg.model, cfg.lora), cfg.algo)
+        self.sampler = CandidateSampler.for_algo(load_generator(cfg.model, cfg.lora), cfg.algo, cfg.trainer.mixed_precision)
         self.sampler.version = -1  # no published weights yet: the first request always pulls
         if cfg.model.merge_lora_for_sampling:  # sampling-only: stay merged; load_trainable_state_dict re-merges once per version
             self.sampler.generator.merge_lora(keep=True)
-        self.dtype = cfg.model.dtype
+        self.dtype = _compute_dtype(cfg, self.sampler.generator.device)
         self.serial, self.receiver = -1, None  # collective weight sync: the publish held, the broadcast end
         if sync_mode(cfg) == "collective":
             shapes = {k: tuple(v.shape) for k, v in self.sampler.generator.trainable_state_dict().items()}
@@ -255,7 +262,8 @@ class LearnerActor:
         cfg = _config(cfg_json)
         check_gpu("learner", cfg.runtime.learner.num_gpus)
         first = cfg.rewards[0]
-        self.trainer = DrpoTrainer(cfg, output_dir=Path(output_dir), rewards={first.label: (build_reward(first), first.weight)})
+        self.trainer = DrpoTrainer(cfg, output_dir=Path(output_dir), rewards={
+            first.label: (build_reward(reward_at_run_precision(first, cfg.trainer.mixed_precision)), first.weight)})
         self.checkpoint_dir = latest_checkpoint(Path(output_dir)) or (resume and (latest_checkpoint(Path(resume)) or Path(resume)))
         if self.checkpoint_dir:
             self.trainer.resume(Path(self.checkpoint_dir))
@@ -367,9 +375,7 @@ class LearnerActor:
 
     def ping(self) -> dict:
         t = self.trainer
-        precision = t.cfg.trainer.mixed_precision if t.generator.device.type == "cuda" else "no"  # autocast_context's rule
-        dtype = t.cfg.model.dtype if precision == "no" else f"{t.cfg.model.dtype}+{'fp16' if precision == 'fp16' else 'bf16'}"
-        return _whereabouts(version=t.learner.version, **device_report(t.generator.device, dtype))
+        return _whereabouts(version=t.learner.version, **device_report(t.generator.device, _compute_dtype(t.cfg, t.generator.device)))
 
 
 def running_stats(state: dict) -> RunningStats:

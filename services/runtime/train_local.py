@@ -36,6 +36,7 @@ def run_local(cfg, resume: Path | None, fail: Callable[[str], None]) -> dict:
 
     from drpo_core.training.checkpoint import CheckpointError
     from drpo_core.models.generator import ModelLoadError
+    from drpo_core.training.precision import format_precision
     from drpo_core.training.tracking import TrackerError
     from drpo_core.training.trainer import DrpoTrainer, build_rewards
     from services.observability.progress import StepProgress
@@ -51,7 +52,8 @@ def run_local(cfg, resume: Path | None, fail: Callable[[str], None]) -> dict:
     with StepProgress(console, cfg.trainer.steps, "DrPO", cfg.trainer.log_every) as progress, \
             GracefulStop(cfg.runtime.stop_grace_s) as stop:
         try:
-            result = trainer.run(on_step=progress.update, resume=resume, stop=stop)
+            result = trainer.run(on_step=progress.update, resume=resume, stop=stop,
+                                 on_start=lambda report: console.print(format_precision(report), highlight=False))
         except StopRequested as e:
             stopped(console, e, out)
         except (CheckpointError, TrackerError) as e:

@@ -19,9 +19,11 @@ from services.runtime.train_local import check_output_dir, print_run_summary, st
 
 def run_ray(cfg, resume: Path | None, fail: Callable[[str], None]) -> dict:
     import ray
+    import torch
 
     from drpo_core.training.checkpoint import CheckpointError
     from drpo_core.models.generator import ModelLoadError, resolve_model_path
+    from drpo_core.training.precision import format_precision, precision_report
     from drpo_core.training.tracking import TrackerError
     from services.runtime.controller import Controller
     from services.observability.metrics import MetricsExporter
@@ -59,6 +61,8 @@ def run_ray(cfg, resume: Path | None, fail: Callable[[str], None]) -> dict:
         console.print("devices: " + ", ".join(f"{k.split('/', 1)[1]} ×{v:g}" for k, v in runtime.placement().items()))
         exports = [f"http://{n['NodeManagerAddress']}:{n['MetricsExportPort']}/metrics" for n in ray.nodes() if n.get("Alive")]
         console.print("actor metrics (ray_drpo_actor_*, Ray's export): " + ", ".join(exports))
+        learner_device = torch.device("cuda" if rt.learner.num_gpus > 0 else "cpu")  # the device the roles' precision is for
+        console.print(format_precision(precision_report(cfg, learner_device)), highlight=False)
         controller = Controller(cfg, runtime, out, exporter)
         with StepProgress(console, cfg.trainer.steps, "DrPO·ray", cfg.trainer.log_every) as progress, \
                 GracefulStop(cfg.runtime.stop_grace_s) as stop:
