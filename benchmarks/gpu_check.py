@@ -115,7 +115,7 @@ def write_mae(folder: Path, size: str) -> Path:
 def preset_update(args, meter: Meter, model_path: str, mae_file: Path) -> dict:
     from drpo_core.algorithms.groups import candidate_seed
     from drpo_core.features import build_encoder
-    from drpo_core.models.generator import load_generator
+    from drpo_core.models.generator_factory import load_generator
     from drpo_core.training.learner import DrpoLearner
     from drpo_core.training.sampler import CandidateSampler
     from drpo_core.training.scoring import RewardScorer
@@ -164,7 +164,7 @@ def preset_update(args, meter: Meter, model_path: str, mae_file: Path) -> dict:
 
 
 def sampling(args, meter: Meter, model_path: str, mae_file: Path) -> dict:
-    from drpo_core.models.generator import load_generator
+    from drpo_core.models.generator_factory import load_generator
     from drpo_core.training.sampler import CandidateSampler
 
     cfg = preset_config(args, model_path, mae_file)

@@ -16,7 +16,7 @@ from drpo_core.algorithms.drift import drift_field, drift_loss
 from drpo_core.algorithms.weighted_drift import (awr_advsign_drift_loss, awr_hard_drift_loss, awr_kernel_drift_loss,
                                                  awr_topk_drift_loss)
 from drpo_core.config import LoraConfig, ModelConfig, load_config
-from drpo_core.models.generator import load_generator
+from drpo_core.models.generator_factory import load_generator
 from drpo_core.training.precision import format_precision, resolve_precision
 from drpo_core.training.trainer import DrpoTrainer, build_rewards
 
