@@ -197,7 +197,9 @@ def format_summary(run_dir: Path, result: dict, wall_s: float | None) -> str:
         r = entry["all"]
         se, z = format_se_z(r, digits=3)
         lines.append(f"  {label:24s} {r['base_mean']:.3f} → {r['policy_mean']:.3f}   gain {r['gain']:+.3f} ± {se}   z {z}")
-    lines += ["", format_compare(result, str(run / "eval-base"), str(run / "eval-final"), ("base", "final", "gain")), ""]
+    # compare.json does not record its inputs: name the demo's folders only where they are
+    names = [str(run / n) if (run / n).is_dir() else f"{side} of compare.json" for n, side in (("eval-base", "A"), ("eval-final", "B"))]
+    lines += ["", format_compare(result, *names, ("base", "final", "gain")), ""]
 
     def existing(*names: str) -> str:
         return ", ".join(str(run / n) + ("/" if (run / n).is_dir() else "") for n in names if (run / n).exists())
