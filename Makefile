@@ -58,7 +58,7 @@ demo-local:
 demo-toy: demo
 
 # The previous default: a random-initialised tiny SD-Turbo-architecture model aligned to the offline hue-fraction
-# reward through the Ray runtime (an embedded local cluster); README "The hue task".
+# reward through the Ray runtime (an embedded local cluster); docs/hue-task.md.
 demo-hue: install
 	$(VENV)/bin/drpo train --config deploy/configs/tiny.yaml --output-dir $(RUN_DIR)
 
