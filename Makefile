@@ -7,6 +7,9 @@ STAMP := $(VENV)/.drpo-installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 RUN_DIR ?= runs/demo-$(shell date +%Y%m%d-%H%M%S)
+# Pin it once: `?=` alone re-runs `date` at every use, and a recipe expanded across a second boundary would
+# split the run over two folders.
+RUN_DIR := $(RUN_DIR)
 
 .PHONY: demo demo-local demo-toy demo-hue test install sysdeps clean protos smoke-real gpu-check
 
@@ -32,21 +35,21 @@ sysdeps:
 # detector, through the Ray actor-learner runtime on an embedded local cluster (generator, reward and learner
 # actors; sampling of step t+1 overlaps the update of step t), then base and final policy scored on held-out
 # prompts x held-out seeds (GenEval per task, in GenEval's sample layout) and the paired, prompt-clustered gains
-# printed (README "What the demo shows"). `make demo-local` runs the same job in one process (for debugging).
+# printed at a glance by `drpo eval summary` (base -> final per task, gain +- s.e. and z, the wall time from
+# RUN_DIR/.started, where the outputs are; docs/demo.md). `make demo-local` runs the same job in one process.
 # One thread per process unless OMP_NUM_THREADS says otherwise: on a busy 2-core box two OpenMP threads ran these
 # small models ~20x slower. Live metrics: the driver's /metrics on a free port, the actors' on Ray's export.
 DEMO_SEEDS ?= 0-63
 DEMO_RUNTIME ?=
 DEMO_METRICS_PORT ?= $(shell $(PYTHON) -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 demo: install
+	mkdir -p $(RUN_DIR) && date +%s > $(RUN_DIR)/.started
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(VENV)/bin/drpo train $(DEMO_RUNTIME) --config deploy/configs/toy.yaml --output-dir $(RUN_DIR) $(if $(DEMO_RUNTIME),,--set runtime.metrics_port=$(DEMO_METRICS_PORT))
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(VENV)/bin/drpo eval --config deploy/configs/toy.yaml --base --seeds $(DEMO_SEEDS) --output-dir $(RUN_DIR)/eval-base
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(VENV)/bin/drpo eval --config deploy/configs/toy.yaml --checkpoint $(RUN_DIR) --seeds $(DEMO_SEEDS) --output-dir $(RUN_DIR)/eval-final
-	$(VENV)/bin/drpo eval compare $(RUN_DIR)/eval-base/eval.json $(RUN_DIR)/eval-final/eval.json --json $(RUN_DIR)/compare.json
-	@echo "curves:      $(RUN_DIR)/plots/reward_curve.png, $(RUN_DIR)/metrics.jsonl, $(RUN_DIR)/tensorboard/"
-	@echo "image grids: $(RUN_DIR)/eval-final/before_after.png (held-out prompts, captioned, green/red = GenEval pass/fail), $(RUN_DIR)/samples/"
-	@echo "checkpoint:  $(RUN_DIR)/checkpoints/ (full UNet, diffusers layout: checkpoints/step_<N>/unet/ holds the moving average, ema.safetensors too)"
-	@echo "eval:        $(RUN_DIR)/eval-base/eval.json, $(RUN_DIR)/eval-final/eval.json (GenEval layout in */samples/), $(RUN_DIR)/compare.json"
+	$(VENV)/bin/drpo eval compare $(RUN_DIR)/eval-base/eval.json $(RUN_DIR)/eval-final/eval.json --json $(RUN_DIR)/compare.json >/dev/null
+	@echo
+	@$(VENV)/bin/drpo eval summary $(RUN_DIR)
 
 # The same job in one process (no Ray): for debugging.
 demo-local:
@@ -55,7 +58,7 @@ demo-local:
 demo-toy: demo
 
 # The previous default: a random-initialised tiny SD-Turbo-architecture model aligned to the offline hue-fraction
-# reward through the Ray runtime (an embedded local cluster); README "The hue task".
+# reward through the Ray runtime (an embedded local cluster); docs/hue-task.md.
 demo-hue: install
 	$(VENV)/bin/drpo train --config deploy/configs/tiny.yaml --output-dir $(RUN_DIR)
 

@@ -208,14 +208,23 @@ def compare(a: dict, b: dict) -> dict:
     return out
 
 
-def format_compare(result: dict, name_a: str, name_b: str) -> str:
-    lines = [f"paired B − A (A = {name_a}, B = {name_b}) over {result['prompts']} prompts × {result['seeds']} seeds; "
-             "standard errors clustered by prompt", f"{'reward':24s} {'subset':14s} {'A':>8s} {'B':>8s} {'B−A':>8s} {'± se':>8s} {'z':>6s}"]
+def format_se_z(r: dict, digits: int = 4) -> tuple[str, str]:
+    """A paired result's standard error and z as printed: n/a where they are undefined, never ``inf``."""
+    one_prompt = r["n_prompts"] < 2  # no between-prompt spread: no standard error
+    se = "n/a" if one_prompt else f"{r['gain_se']:.{digits}f}"
+    # prompts whose gains are all equal have s.e. 0: z is undefined (null in the JSON), not "inf"
+    z = "n/a" if one_prompt or r["z"] is None or not math.isfinite(r["z"]) else f"{r['z']:.1f}"
+    return se, z
+
+
+def format_compare(result: dict, name_a: str, name_b: str, columns: tuple[str, str, str] = ("A", "B", "B−A")) -> str:
+    """The comparison as a table, one row per reward × subset; ``columns`` names A, B and the gain
+    (`drpo eval summary` says base, final, gain)."""
+    a, b, gain = columns
+    lines = [f"paired {b} − {a} ({a} = {name_a}, {b} = {name_b}) over {result['prompts']} prompts × {result['seeds']} seeds; "
+             "standard errors clustered by prompt", f"{'reward':24s} {'subset':14s} {a:>8s} {b:>8s} {gain:>8s} {'± se':>8s} {'z':>6s}"]
     for label, entry in result["rewards"].items():
         for subset, r in entry.items():
-            one_prompt = r["n_prompts"] < 2  # no between-prompt spread: no standard error
-            se = "     n/a" if one_prompt else f"{r['gain_se']:8.4f}"
-            # prompts whose gains are all equal have s.e. 0: z is undefined (null in the JSON), not "inf"
-            z = "   n/a" if one_prompt or r["z"] is None or not math.isfinite(r["z"]) else f"{r['z']:6.1f}"
-            lines.append(f"{label:24s} {subset:14s} {r['base_mean']:8.4f} {r['policy_mean']:8.4f} {r['gain']:+8.4f} {se} {z}")
+            se, z = format_se_z(r)
+            lines.append(f"{label:24s} {subset:14s} {r['base_mean']:8.4f} {r['policy_mean']:8.4f} {r['gain']:+8.4f} {se:>8s} {z:>6s}")
     return "\n".join(lines)

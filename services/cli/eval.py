@@ -169,3 +169,67 @@ def compare_command(a: Path = typer.Argument(..., help="eval.json of A (e.g. the
     typer.echo(format_compare(result, str(a), str(b)))
     if json_out:
         json_out.write_text(json.dumps(json_safe(result), indent=1) + "\n")
+
+
+STARTED = ".started"  # `make demo` writes `date +%s` here before training, so the summary can give the wall time
+
+
+def _wall(seconds: float) -> str:
+    minutes, s = divmod(round(seconds), 60)
+    return f"{minutes} min {s} s" if minutes else f"{s} s"
+
+
+def format_summary(run_dir: Path, result: dict, wall_s: float | None) -> str:
+    """What `make demo` prints last: per reward the held-out headline base → final, the per-task table
+    (`format_compare`'s, so the two never disagree), the wall time, and where the outputs are (only those that exist)."""
+    from drpo_core.training.checkpoint import EMA_FILE, latest_checkpoint
+    from drpo_core.training.eval_suite import format_compare, format_se_z
+
+    run = Path(run_dir)
+    try:  # which prompts were scored (the demo: the held-out set), as the final eval recorded it
+        prompts = json.loads((run / "eval-final" / "eval.json").read_text())["source"]["prompts"] + " "
+    except (OSError, ValueError, KeyError, TypeError):
+        prompts = ""
+    lines = [f"drpo run {run}: wall time " + (_wall(wall_s) if wall_s is not None else f"unknown (no {run / STARTED})"),
+             f"base → final on {result['prompts']} {prompts}prompts × {result['seeds']} seeds, paired; "
+             "± = standard error clustered by prompt, z = gain / s.e."]
+    for label, entry in result["rewards"].items():
+        r = entry["all"]
+        se, z = format_se_z(r, digits=3)
+        lines.append(f"  {label:24s} {r['base_mean']:.3f} → {r['policy_mean']:.3f}   gain {r['gain']:+.3f} ± {se}   z {z}")
+    # compare.json does not record its inputs: name the demo's folders only where they are
+    names = [str(run / n) if (run / n).is_dir() else f"{side} of compare.json" for n, side in (("eval-base", "A"), ("eval-final", "B"))]
+    lines += ["", format_compare(result, *names, ("base", "final", "gain")), ""]
+
+    def existing(*names: str) -> str:
+        return ", ".join(str(run / n) + ("/" if (run / n).is_dir() else "") for n in names if (run / n).exists())
+
+    ckpt = latest_checkpoint(run)
+    if ckpt is not None:
+        kind = ("full UNet, diffusers layout in unet/" if (ckpt / "unet").is_dir()
+                else "LoRA, pytorch_lora_weights.safetensors" if (ckpt / "pytorch_lora_weights.safetensors").is_file()
+                else "trainable weights")
+        # unet/ and the LoRA file are written from the moving average when the run kept one (checkpoint.py)
+        kind += "; the moving average of the weights" if (ckpt / EMA_FILE).is_file() else ""
+    grids = existing("eval-final/before_after.png", "eval-final/grid.png", "samples")
+    where = [("image grids", grids + (" (captioned prompts × seeds; a frame is green/red for a pass/fail reward)" if grids else "")),
+             ("curves", existing("plots/reward_curve.png", "metrics.jsonl", "tensorboard")),
+             ("checkpoint", f"{ckpt}/ ({kind})" if ckpt is not None else ""),
+             ("eval files", existing("eval-base/eval.json", "eval-final/eval.json", "compare.json")
+              + (f" (GenEval layout in {run}/eval-*/samples/)" if (run / "eval-final" / "samples").is_dir() else ""))]
+    lines += [f"{name + ':':13s}{paths}" for name, paths in where if paths]
+    return "\n".join(lines)
+
+
+@eval_app.command("summary")
+def summary_command(run_dir: Path = typer.Argument(..., help="a run folder holding compare.json (what `make demo` writes)")) -> None:
+    """A run at a glance: held-out base → final per task with gain ± s.e. and z, wall time, where everything is."""
+    try:
+        result = json.loads((run_dir / "compare.json").read_text())
+    except (OSError, ValueError) as e:
+        fail(f"eval summary: {run_dir}/compare.json: {e} (write it with `drpo eval compare A B --json`)")
+    try:
+        wall_s = time.time() - int((run_dir / STARTED).read_text().strip())
+    except (OSError, ValueError):
+        wall_s = None
+    typer.echo(format_summary(run_dir, result, wall_s))
