@@ -101,9 +101,11 @@ class DrpoTrainer:
     def collect(self, step: int, prompts: list[str]) -> tuple[list[CandidateGroup], dict[str, float]]:
         """Sample and score one group per prompt, with extra rounds for binary rewards."""
         K, seed = self.cfg.algo.num_candidates, self.cfg.trainer.seed
-        groups = [self.sampler.sample(f"{step}:{slot}", prompt, [candidate_seed(seed, step, slot, i) for i in range(K)],
-                                      metadata=self.metadata.get(prompt))
-                  for slot, prompt in enumerate(prompts)]
+        requests = [(f"{step}:{slot}", prompt, [candidate_seed(seed, step, slot, i) for i in range(K)], self.metadata.get(prompt))
+                    for slot, prompt in enumerate(prompts)]
+        # the learner's micro-batch of prompts per UNet call (its forward with grad needs more memory than this one)
+        chunk = self.cfg.trainer.micro_batch_prompts or max(1, len(requests))
+        groups = [g for start in range(0, len(requests), chunk) for g in self.sampler.sample_many(requests[start:start + chunk])]
         self.scorer.score(groups)
         stats = group_stats(groups, self.reward_history, {r.label: r.weight for r in self.cfg.rewards})
         if self.cfg.algo.binary_threshold is not None:
