@@ -46,15 +46,46 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
 class CandidateSampler:
     """Plain worker class: the generator side of DrPO. Runs as-is locally or inside a Ray actor."""
 
-    def __init__(self, generator: OneStepGenerator, with_base: bool, neighbor_sigma: float | None = None):
+    def __init__(self, generator: OneStepGenerator, with_base: bool, neighbor_sigma: float | None = None,
+                 threads: int = 1):
         self.generator, self.with_base, self.neighbor_sigma = generator, with_base, neighbor_sigma
         self.version = 0
+        self.threads = threads  # decoding threads of sample_many (see _decode_groups)
+        self._pool = None
 
     @classmethod
-    def for_algo(cls, generator: OneStepGenerator, algo) -> "CandidateSampler":
+    def for_algo(cls, generator: OneStepGenerator, algo, threads: int = 1) -> "CandidateSampler":
         """The sampler an objective needs: base latents when it reads them, neighbour noises for GRPO."""
         return cls(generator, with_base=needs_base_latents(algo),
-                   neighbor_sigma=algo.grpo.neighbor_sigma if algo.kind == "grpo" else None)
+                   neighbor_sigma=algo.grpo.neighbor_sigma if algo.kind == "grpo" else None, threads=threads)
+
+    def _decode_groups(self, latents: torch.Tensor, sizes: list[int], then=None):
+        """Decode ``latents`` one group (``sizes``) per VAE call, as ``generate(decode_sizes=sizes)`` does, and run
+        ``then()`` (the frozen base's forward) on this thread meanwhile; returns (images, then's result).
+
+        With ``threads > 1`` the groups are handed to worker threads and this thread takes back the ones no worker
+        has started once ``then`` is done. Every call is the same one-threaded kernel on the same input as
+        sequentially (``torch.set_num_threads`` is copied to the workers), so the images are bit-identical; the VAE
+        is only read, and the base forward swaps nothing the decoders use."""
+        parts = list(latents.split(list(sizes)))
+        decode = self.generator.decode
+        if self.threads <= 1 or len(parts) < 2:
+            images = [decode(p) for p in parts]
+            return torch.cat(images), then() if then is not None else None
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            n = torch.get_num_threads()
+            self._pool = ThreadPoolExecutor(self.threads - 1, thread_name_prefix="decode",
+                                            initializer=torch.set_num_threads, initargs=(n,))
+        futures = [self._pool.submit(decode, p) for p in parts]
+        result = then() if then is not None else None
+        images: list[torch.Tensor | None] = [None] * len(parts)
+        for i in reversed(range(len(parts))):  # the groups no worker has started, from the back: decode them here
+            if futures[i].cancel():
+                images[i] = decode(parts[i])
+        images = [img if img is not None else f.result() for img, f in zip(images, futures)]
+        return torch.cat(images), result
 
     def _noise(self, seeds: list[int]) -> torch.Tensor | None:
         return group_noise(self.generator, seeds, self.neighbor_sigma) if self.neighbor_sigma is not None else None
@@ -86,8 +117,9 @@ class CandidateSampler:
         seeds = [s for _, _, group_seeds, _ in requests for s in group_seeds]
         sizes = [len(group_seeds) for _, _, group_seeds, _ in requests]
         noise = None if self.neighbor_sigma is None else torch.cat([self._noise(list(s)) for _, _, s, _ in requests])
-        latents, images = self.generator.generate(prompts, seeds, noise=noise, decode_sizes=sizes)
-        base = self._base_latents(prompts, seeds, noise) if self.with_base else None
+        latents, _ = self.generator.generate(prompts, seeds, noise=noise, decode_sizes=[])
+        base_forward = (lambda: self._base_latents(prompts, seeds, noise)) if self.with_base else None
+        images, base = self._decode_groups(latents, sizes, then=base_forward)
         parts = zip(latents.float().split(sizes), to_uint8(images).split(sizes),
                     base.float().split(sizes) if base is not None else [None] * len(sizes))
         return [CandidateGroup(group_id=gid, prompt=prompt, seeds=list(group_seeds), latents=lat, images=img, version=self.version,

@@ -85,7 +85,7 @@ class DrpoTrainer:
         torch.manual_seed(cfg.trainer.seed)
         self.generator = load_generator(cfg.model, cfg.lora)
         self.encoder = build_encoder(cfg.features, self.generator.latent_shape[0], self.generator.device, generator=self.generator)
-        self.sampler = CandidateSampler.for_algo(self.generator, cfg.algo)
+        self.sampler = CandidateSampler.for_algo(self.generator, cfg.algo, threads=cfg.trainer.sample_threads)
         self.scorer = RewardScorer(rewards or build_rewards(cfg), binary=cfg.algo.binary_threshold is not None,
                                    shuffle_seed=cfg.trainer.seed if cfg.algo.shuffle_rewards else None)
         # DRaFT differentiates the rewards in the learner: it builds its own (the in-process, differentiable kinds)
