@@ -253,8 +253,8 @@ class TrainerConfig(Section):
     prompts_per_step: int = Field(2, gt=0)
     micro_batch_prompts: int = Field(0, ge=0, description="prompts per forward/backward chunk (gradient accumulation); 0 = all")
     sample_threads: int = Field(1, ge=1, le=8, description="in-process trainer: threads that decode a step's prompt "
-                                "groups (one VAE call per group) while the main thread runs the frozen base's UNet; "
-                                "each runs the same one-threaded kernels, so results are unchanged (2 on a 2-core CPU)")
+                                "groups (one VAE call per group, as sequentially) while the main thread runs the next "
+                                "UNet calls; the same kernels on the same inputs, so results are unchanged")
     lr: float = Field(3e-3, gt=0)
     weight_decay: float = Field(1e-2, ge=0)
     betas: tuple[float, float] = (0.9, 0.999)

@@ -314,22 +314,16 @@ class OneStepGenerator:
 
     @torch.no_grad()
     def generate(self, prompts: list[str], seeds: list[int], base: bool = False,
-                 noise: torch.Tensor | None = None, decode_sizes: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 noise: torch.Tensor | None = None, decode: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Latents and images for one candidate per (prompt, seed) pair; ``base`` uses G_base.
         ``noise`` `[N, C, h, w]` replaces the seeds' own ε (Neighbor-GRPO's correlated noises).
-        ``decode_sizes``: decode the latents in consecutive calls of these sizes (one UNet call for several prompt
-        groups, one VAE call per group: on CPU the UNet's outputs do not depend on the batch, the VAE's do in the
-        last bits, so the images then equal one ``generate`` call per group bit for bit; ``[]``: no decode, images None)."""
+        ``decode=False``: the latents only (images None; the caller decodes them with :meth:`decode`)."""
         emb = self.encode_prompts(prompts)
         merge = self.merged() if self.cfg.merge_lora_for_sampling and not base else contextlib.nullcontext()
         eps = self.noise(seeds) if noise is None else noise.to(device=self.device, dtype=self.dtype)
         with merge, (self.base_model() if base else contextlib.nullcontext()):
             latents = self.predict_x0(eps, emb)
-        if decode_sizes == []:  # the caller decodes
-            return latents, None
-        if decode_sizes is None:
-            return latents, self.decode(latents)
-        return latents, torch.cat([self.decode(part) for part in latents.split(list(decode_sizes))])
+        return latents, self.decode(latents) if decode else None
 
 
 def load_generator(model_cfg: ModelConfig, lora_cfg: LoraConfig) -> OneStepGenerator:

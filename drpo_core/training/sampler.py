@@ -50,7 +50,7 @@ class CandidateSampler:
                  threads: int = 1):
         self.generator, self.with_base, self.neighbor_sigma = generator, with_base, neighbor_sigma
         self.version = 0
-        self.threads = threads  # decoding threads of sample_many (see _decode_groups)
+        self.threads = threads  # decoding threads of sample_groups
         self._pool = None
 
     @classmethod
@@ -59,33 +59,39 @@ class CandidateSampler:
         return cls(generator, with_base=needs_base_latents(algo),
                    neighbor_sigma=algo.grpo.neighbor_sigma if algo.kind == "grpo" else None, threads=threads)
 
-    def _decode_groups(self, latents: torch.Tensor, sizes: list[int], then=None):
-        """Decode ``latents`` one group (``sizes``) per VAE call, as ``generate(decode_sizes=sizes)`` does, and run
-        ``then()`` (the frozen base's forward) on this thread meanwhile; returns (images, then's result).
-
-        With ``threads > 1`` the groups are handed to worker threads and this thread takes back the ones no worker
-        has started once ``then`` is done. Every call is the same one-threaded kernel on the same input as
-        sequentially (``torch.set_num_threads`` is copied to the workers), so the images are bit-identical; the VAE
-        is only read, and the base forward swaps nothing the decoders use."""
-        parts = list(latents.split(list(sizes)))
-        decode = self.generator.decode
-        if self.threads <= 1 or len(parts) < 2:
-            images = [decode(p) for p in parts]
-            return torch.cat(images), then() if then is not None else None
+    def _pool_for_decoding(self):
         if self._pool is None:
             from concurrent.futures import ThreadPoolExecutor
 
-            n = torch.get_num_threads()
+            n = torch.get_num_threads()  # the workers run the same one-threaded (or n-threaded) kernels
             self._pool = ThreadPoolExecutor(self.threads - 1, thread_name_prefix="decode",
                                             initializer=torch.set_num_threads, initargs=(n,))
-        futures = [self._pool.submit(decode, p) for p in parts]
-        result = then() if then is not None else None
-        images: list[torch.Tensor | None] = [None] * len(parts)
-        for i in reversed(range(len(parts))):  # the groups no worker has started, from the back: decode them here
+        return self._pool
+
+    def sample_groups(self, requests: list[tuple[str, str, list[int], dict | None]]) -> list[CandidateGroup]:
+        """One :meth:`sample` per group ``(group_id, prompt, seeds, metadata)``, the same calls on the same inputs,
+        with ``threads > 1`` overlapped: this thread runs each group's UNet calls (policy, then the frozen base)
+        while worker threads decode the groups whose latents are ready; this thread then decodes the groups no
+        worker has started. Each call is the same kernel on the same input as sequentially, so every latent and
+        image is bit-identical (the VAE is only read; the base forward swaps nothing the decoders use)."""
+        if self.threads <= 1 or len(requests) < 2:
+            return [self.sample(gid, prompt, seeds, metadata=meta) for gid, prompt, seeds, meta in requests]
+        pool, decode = self._pool_for_decoding(), self.generator.decode
+        latents, futures, bases = [], [], []
+        for _, prompt, seeds, _ in requests:
+            noise = self._noise(seeds)
+            lat, _ = self.generator.generate([prompt] * len(seeds), seeds, noise=noise, decode=False)
+            latents.append(lat)
+            futures.append(pool.submit(decode, lat))
+            bases.append(self._base_latents([prompt] * len(seeds), seeds, noise) if self.with_base else None)
+        images: list[torch.Tensor | None] = [None] * len(requests)
+        for i in reversed(range(len(requests))):  # the groups no worker has started, from the back: decode here
             if futures[i].cancel():
-                images[i] = decode(parts[i])
+                images[i] = decode(latents[i])
         images = [img if img is not None else f.result() for img, f in zip(images, futures)]
-        return torch.cat(images), result
+        return [CandidateGroup(group_id=gid, prompt=prompt, seeds=list(seeds), latents=lat.float(), images=to_uint8(img),
+                               version=self.version, base_latents=None if b is None else b.float(), metadata=meta)
+                for (gid, prompt, seeds, meta), lat, img, b in zip(requests, latents, images, bases)]
 
     def _noise(self, seeds: list[int]) -> torch.Tensor | None:
         return group_noise(self.generator, seeds, self.neighbor_sigma) if self.neighbor_sigma is not None else None
@@ -110,16 +116,14 @@ class CandidateSampler:
                               base_latents=None if base is None else base.float(), metadata=metadata)
 
     def sample_many(self, requests: list[tuple[str, str, list[int], dict | None]]) -> list[CandidateGroup]:
-        """Several prompt groups ``(group_id, prompt, seeds, metadata)`` in one batched UNet forward (and one for
-        the base), decoded one group per VAE call: the same candidates as one :meth:`sample` per group (bit for bit
-        on CPU), with fewer, larger UNet calls."""
+        """Several prompt groups ``(group_id, prompt, seeds, metadata)`` in one batched forward (and one for the
+        base): the same candidates as one :meth:`sample` per group, with fewer, larger UNet and VAE calls."""
         prompts = [prompt for _, prompt, seeds, _ in requests for _ in seeds]
         seeds = [s for _, _, group_seeds, _ in requests for s in group_seeds]
-        sizes = [len(group_seeds) for _, _, group_seeds, _ in requests]
         noise = None if self.neighbor_sigma is None else torch.cat([self._noise(list(s)) for _, _, s, _ in requests])
-        latents, _ = self.generator.generate(prompts, seeds, noise=noise, decode_sizes=[])
-        base_forward = (lambda: self._base_latents(prompts, seeds, noise)) if self.with_base else None
-        images, base = self._decode_groups(latents, sizes, then=base_forward)
+        latents, images = self.generator.generate(prompts, seeds, noise=noise)
+        base = self._base_latents(prompts, seeds, noise) if self.with_base else None
+        sizes = [len(group_seeds) for _, _, group_seeds, _ in requests]
         parts = zip(latents.float().split(sizes), to_uint8(images).split(sizes),
                     base.float().split(sizes) if base is not None else [None] * len(sizes))
         return [CandidateGroup(group_id=gid, prompt=prompt, seeds=list(group_seeds), latents=lat, images=img, version=self.version,

@@ -103,9 +103,7 @@ class DrpoTrainer:
         K, seed = self.cfg.algo.num_candidates, self.cfg.trainer.seed
         requests = [(f"{step}:{slot}", prompt, [candidate_seed(seed, step, slot, i) for i in range(K)], self.metadata.get(prompt))
                     for slot, prompt in enumerate(prompts)]
-        # the learner's micro-batch of prompts per UNet call (its forward with grad needs more memory than this one)
-        chunk = self.cfg.trainer.micro_batch_prompts or max(1, len(requests))
-        groups = [g for start in range(0, len(requests), chunk) for g in self.sampler.sample_many(requests[start:start + chunk])]
+        groups = self.sampler.sample_groups(requests)  # one sample() per group (decoding overlapped: trainer.sample_threads)
         self.scorer.score(groups)
         stats = group_stats(groups, self.reward_history, {r.label: r.weight for r in self.cfg.rewards})
         if self.cfg.algo.binary_threshold is not None:
