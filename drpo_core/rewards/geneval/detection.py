@@ -89,15 +89,19 @@ def iou_plus_one(box_a: torch.Tensor, box_b: torch.Tensor) -> float:
 
 
 def keep_detections(dets: Detections, tag: str, th: Thresholds = Thresholds()) -> dict[str, list[Found]]:
-    """GenEval's per-class filtering: ``{class: [Found, ...] sorted by score desc}``; empty classes absent."""
-    cutoff = th.counting_threshold if tag == "counting" else th.threshold
+    """GenEval's per-class filtering: ``{class: [Found, ...] sorted by score desc}``; empty classes absent.
+
+    Plain Python on the scores' values (a few detections per image: tensor ops cost more than they compute);
+    ``tests/test_geneval.py`` keeps the tensor version as the oracle."""
+    # compare in the scores' own dtype, as GenEval's numpy float32 arrays do (a float32 0.3 is not > 0.3): the
+    # cutoff rounded to that dtype, compared exactly as Python floats (every float32 / float16 value is one)
+    cutoff = torch.tensor(th.counting_threshold if tag == "counting" else th.threshold, dtype=dets.scores.dtype).item()
+    scores = dets.scores.tolist()
     kept: dict[str, list[Found]] = {}
     for cls in dict.fromkeys(dets.labels):
-        idx = torch.tensor([i for i, label in enumerate(dets.labels) if label == cls], dtype=torch.long)
-        scores = dets.scores[idx].float()
-        order = idx[torch.sort(scores, descending=True, stable=True).indices]
-        # compare in the scores' own dtype, as GenEval's numpy float32 arrays do (a float32 0.3 is not > 0.3)
-        order = order[dets.scores[order] > cutoff].tolist()[: th.max_objects]
+        # above the cutoff (NaN never is), then by score descending, ties in detection order (a stable sort)
+        order = sorted((i for i, label in enumerate(dets.labels) if label == cls and scores[i] > cutoff),
+                       key=lambda i: -scores[i])[: th.max_objects]
         found: list[Found] = []
         while order:
             best = order.pop(0)

@@ -18,7 +18,7 @@ from typing import Sequence
 import torch
 
 from drpo_core.rewards.common import check_reward_inputs
-from drpo_core.rewards.geneval.detection import ColorClassifier, Detector, Thresholds, keep_detections
+from drpo_core.rewards.geneval.detection import ColorClassifier, Detections, Detector, Thresholds, keep_detections
 from drpo_core.rewards.geneval.metadata import COLORS, TASKS, parse_metadata
 from drpo_core.rewards.geneval.rules import ImageVerdict, evaluate_exact, evaluate_geneval
 
@@ -70,10 +70,12 @@ class GenEvalReward:
         self._seen: list[ImageVerdict] = []
         self._missing = 0
 
-    def evaluate(self, image: torch.Tensor, metadata) -> ImageVerdict:
-        """Verdict for one image `[3, H, W]` in [0, 1] and its GenEval metadata."""
+    def evaluate(self, image: torch.Tensor, metadata, detections: Detections | None = None) -> ImageVerdict:
+        """Verdict for one image `[3, H, W]` in [0, 1] and its GenEval metadata (``detections``: the detector's
+        answer for it, when already known)."""
         spec = parse_metadata(metadata)
-        detections = self.detector(image, spec.classes)
+        if detections is None:
+            detections = self.detector(image, spec.classes)
         objects = keep_detections(detections, spec.tag, self.thresholds)
         rule = evaluate_geneval if self.mode == "geneval" else evaluate_exact
         return rule(image, objects, spec, self.color_classifier, self.thresholds, self.colors)
@@ -84,12 +86,17 @@ class GenEvalReward:
         metadata = metadata if metadata is not None else [None] * images.shape[0]
         scores = torch.full((images.shape[0],), math.nan)
         self.last_verdicts = []
+        images = images.float().clamp(0, 1)
+        # a closed-set detector with a batch entry point (the shapes world's) detects every image in one pass
+        batch = getattr(self.detector, "detect_batch", None)
+        scored = [i for i, meta in enumerate(metadata) if meta is not None]
+        detected = dict(zip(scored, batch(images[scored]))) if batch is not None and scored else {}
         for i, (image, meta) in enumerate(zip(images, metadata)):
             if meta is None:
                 self._missing += 1
                 self.last_verdicts.append(None)
                 continue
-            verdict = self.evaluate(image.float().clamp(0, 1), meta)
+            verdict = self.evaluate(image, meta, detected.get(i))
             scores[i] = verdict.score if self.mode == "partial" else float(verdict.correct)
             self.last_verdicts.append(verdict)
             self._seen.append(verdict)
