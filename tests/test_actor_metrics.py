@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -13,7 +14,9 @@ import ray
 from services.observability.actor_metrics import exported_names
 from tests.deploy_live import free_port
 from tests.test_deploy import ACTOR_MARK, dashboard_targets, prometheus_tool, substitute
-from tests.test_ray_train import config, run
+from services.runtime.cluster import RayRuntime
+from services.runtime.controller import Controller
+from tests.test_ray_train import config
 
 RUN = "actor-metrics-test"
 
@@ -61,8 +64,15 @@ def prometheus_over_ray(ray_cluster, tmp_path):
 def test_generators_rewards_and_learner_export_their_own_series_to_the_ray_head(ray_cluster, tmp_path, prometheus_over_ray):
     url = prometheus_over_ray
     cfg = config(tmp_path, f"output.run_name={RUN}", "runtime.max_staleness=1")
-    _, rows = run(cfg)
-    steps = len(rows)
+    rt = RayRuntime.start(cfg, Path(cfg.output.dir))
+    try:  # the actors stay up while Prometheus is read: Ray stops exporting a dead actor's series
+        Controller(cfg, rt).run()
+        check_series_and_panels(url, cfg, steps=cfg.trainer.steps)
+    finally:
+        rt.shutdown()
+
+
+def check_series_and_panels(url: str, cfg, steps: int) -> None:
     sel = f'{{run="{RUN}"}}'
     # Ray flushes actor metrics to its export every ~10 s; then Prometheus scrapes them
     wait_for("the learner's update histogram", lambda: len(query(url, f"ray_drpo_actor_update_seconds_count{sel}")) == 1
@@ -87,5 +97,11 @@ def test_generators_rewards_and_learner_export_their_own_series_to_the_ray_head(
 
     actor_panels = [(p, t) for p, t in dashboard_targets() if p.get("description", "").startswith(ACTOR_MARK)]
     assert len(actor_panels) >= 7
-    empty = [f"{p['title']}: {t['expr']}" for p, t in actor_panels if not query(url, substitute(t["expr"]))]
-    assert not empty, "dashboard queries without data:\n" + "\n".join(empty)
+
+    def empty() -> list[str]:
+        return [f"{p['title']}: {t['expr']}" for p, t in actor_panels if not query(url, substitute(t["expr"]))]
+
+    deadline = time.monotonic() + 30  # rate() needs two scrapes of a series inside its window
+    while empty() and time.monotonic() < deadline:
+        time.sleep(1)
+    assert not empty(), "dashboard queries without data:\n" + "\n".join(empty())

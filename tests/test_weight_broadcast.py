@@ -73,4 +73,5 @@ def test_weight_sync_options_are_validated_once_in_one_line():
     assert sync_mode(load_config([], ["lora.enabled=false"])) == "collective"
     assert sync_mode(load_config([], ["runtime.weight_sync=collective"])) == "collective"  # a LoRA may use it too
     assert sync_dtype(load_config([], ["model.dtype=bfloat16"])) == torch.bfloat16
-    assert sync_dtype(load_config([], [])) == torch.float16  # an fp32 model broadcasts in fp16
+    assert sync_dtype(load_config([], [])) == torch.float32  # auto: the model's dtype, exact (tests/test_ray_parity.py)
+    assert sync_dtype(load_config([], ["runtime.weight_sync_dtype=float16"])) == torch.float16  # half the bytes, rounded
